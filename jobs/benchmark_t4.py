@@ -1,0 +1,246 @@
+"""Latency benchmark of the deploy graph, as the paper's T4 TensorRT FP16 batch-1 numbers mean it.
+
+    python -m jobs.benchmark_t4 --size all --fp16                     # GPU + TensorRT machine
+    python -m jobs.benchmark_t4 --size s --backend onnxruntime        # any machine
+    python -m jobs.benchmark_t4 --size l --checkpoint best.pth --ap l=55.4 --out bench/
+
+For each size: build the deploy model (checkpoint or random weights), export ONNX and check it
+against torch with onnxruntime, build a TensorRT engine when tensorrt and CUDA exist, time each
+backend (warm-up, then per-call synchronised timing of the inference call alone), count params and
+GFLOPs, check that no training-only part (DSI projector, teacher) is in the graph, and compare
+reduced-precision detections with fp32 ones on real images. Writes report.json, report.md and,
+given --ap, ap_vs_latency.png. Without tensorrt or a GPU it says which is missing and benchmarks
+the backends that exist; every number is labelled with its backend, precision and device.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from jobs.export import PARITY_TOL, build_deploy_graph, export_onnx_checked, maybe_build_engine
+from pipeline import report as rep
+from pipeline.deploy_backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+from pipeline.deploy_divergence import compare_detections, max_score
+from pipeline.deploy_inputs import list_images, read_image, to_inputs
+from pipeline.latency import device_info, measure
+from pipeline.trt_engine import tensorrt_status
+
+DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco_val" / "images"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="all", choices=["s", "m", "l", "x", "all"])
+    p.add_argument("--checkpoint", help="checkpoint for --size (random weights if omitted)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime", "torch", "all"],
+                   help="tensorrt falls back to onnxruntime + torch when tensorrt or CUDA is missing")
+    p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
+                   help="TensorRT fp16 engine; also a torch autocast row (fp16 on GPU, bf16 on CPU)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=640)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for onnxruntime and torch")
+    p.add_argument("--warmup", type=int, help="default 200 on GPU, 3 on CPU")
+    p.add_argument("--iters", type=int, help="default 1000 on GPU, 20 on CPU")
+    p.add_argument("--images", default=str(DEFAULT_IMAGES),
+                   help="real images for the fp16-vs-fp32 detection check (default: the TACO sample)")
+    p.add_argument("--n-images", type=int, default=8)
+    p.add_argument("--score-thr", type=float, default=0.5, help="detections compared in the fp16 check")
+    p.add_argument("--ap", help="COCO AP per size for the plot: s=49.8,l=55.4 or a JSON file")
+    p.add_argument("--fp32-layers", nargs="*", default=[], help="TensorRT layers pinned to fp32")
+    p.add_argument("--out", default="bench")
+    args = p.parse_args(argv)
+    if args.checkpoint and args.size == "all":
+        p.error("--checkpoint needs one --size (s, m, l or x)")
+    return args
+
+
+def availability(want_backend: str) -> tuple[bool, list[dict]]:
+    """(tensorrt usable, list of what is unavailable and why); prints the fallback when tensorrt was asked for."""
+    trt_ok, trt_why = tensorrt_status()
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append({"what": "cuda", "reason": "no CUDA GPU visible to torch: GPU backends "
+                        "(TensorRT, torch fp16, onnxruntime CUDA) not run"})
+    if not trt_ok:
+        missing.append({"what": "tensorrt", "reason": trt_why})
+        if want_backend in ("tensorrt", "all"):
+            print(f"TensorRT benchmark not possible: {trt_why}.\n"
+                  f"Falling back to onnxruntime and torch on {'GPU' if torch.cuda.is_available() else 'CPU'}; "
+                  f"every number below is labelled with its backend and device.", file=sys.stderr)
+    return trt_ok, missing
+
+
+def backends_for(args, built, onnx_path, trt_ok) -> list:
+    """The backends to time, each labelled; TensorRT only when it exists."""
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    want = args.backend
+    fallback = want == "tensorrt" and not trt_ok
+    out = []
+    if want in ("tensorrt", "all") and trt_ok:
+        engine, msg = maybe_build_engine(onnx_path, args.image_size, args.fp16, max(32, args.batch),
+                                         Path(args.out) / "engines", tuple(args.fp32_layers))
+        print(msg)
+        out.append(TensorRTBackend(engine, "fp16" if args.fp16 else "fp32"))
+        if args.fp16:  # fp32 engine: reference for the fp16 detection check
+            ref, _ = maybe_build_engine(onnx_path, args.image_size, False, max(32, args.batch), Path(args.out) / "engines")
+            out.append(TensorRTBackend(ref, "fp32"))
+    if want in ("onnxruntime", "all") or fallback:
+        out.append(OnnxRuntimeBackend(onnx_path, threads=args.threads, device="cpu"))
+    if want in ("torch", "all") or fallback:
+        out.append(TorchBackend(built.graph, dev, "fp32"))
+        if args.fp16:
+            out.append(TorchBackend(built.graph, dev, "fp16" if cuda else "bf16"))
+        if args.compile:
+            out.append(TorchBackend(built.graph, dev, "fp32", compile=True))
+    return out
+
+
+def count_gflops(graph, image_size: int) -> float:
+    """Conv/matmul GFLOPs (2 x MACs, torch.utils.flop_counter) at batch 1; grid_sample and
+    element-wise ops are not counted (as with calflops, which reports 25.17 for S)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.rand(1, 3, image_size, image_size)
+    sizes = torch.tensor([[image_size, image_size]])
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        graph(x, sizes)
+    return fc.get_total_flops() / 1e9
+
+
+def real_images(args) -> tuple[torch.Tensor, torch.Tensor] | None:
+    src = Path(args.images)
+    if not src.exists():
+        return None
+    files = list_images(src, limit=args.n_images)
+    return to_inputs([read_image(f) for f in files], args.image_size)
+
+
+def divergence_checks(size, backends, batch, args, report):
+    """Reduced-precision backends against the fp32 backend of the same family on real images."""
+    if batch is None:
+        report["warnings"].append(f"{size.upper()}: fp16 detection check skipped: no images at {args.images}")
+        return
+    images, sizes = batch
+    outs = {b.label: b.detections(images, sizes) for b in backends}
+    pairs = [(a, b) for a in backends for b in backends
+             if a.precision == "fp32" and b.precision != "fp32" and a.name == b.name and a.device == b.device]
+    if not pairs:
+        report["warnings"].append(f"{size.upper()}: no reduced-precision backend ran; fp16 detection check not done")
+    for ref_b, cand_b in pairs:
+        ref = outs[ref_b.label]
+        confident = max_score(ref) >= args.score_thr
+        d = compare_detections(ref, outs[cand_b.label], ref_b.label, cand_b.label,
+                               score_thr=args.score_thr, top_k=None if confident else 50)
+        row = {"size": size, **d.to_dict()}
+        if not confident:
+            row["note"] = (f"no fp32 detection reaches score {args.score_thr} (random weights?): "
+                           f"compared each side's top-50 instead")
+        report["divergence"].append(row)
+        print(f"  {d.summary()}")
+        if d.diverged:
+            report["warnings"].append(
+                f"{size.upper()}: {cand_b.label} detections diverge from {ref_b.label}: {'; '.join(d.reasons)}. "
+                f"Known FP16 pitfall of D-FINE/DEIM engines (D-FINE #44): rebuild with --no-fp16, "
+                f"--fp32-layers <names>, or a newer TensorRT (>= 10.6).")
+
+
+def run(args) -> dict:
+    cuda = torch.cuda.is_available()
+    torch.set_num_threads(args.threads)
+    warmup = args.warmup if args.warmup is not None else (200 if cuda else 3)
+    iters = args.iters if args.iters is not None else (1000 if cuda else 20)
+    trt_ok, missing = availability(args.backend)
+    device = device_info(cuda)
+    software = {"python": platform.python_version(), "torch": torch.__version__,
+                "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx"),
+                "tensorrt": _version("tensorrt") if trt_ok else None,
+                "cuda": torch.version.cuda if cuda else None, "torch_threads": args.threads}
+    command = "python -m jobs.benchmark_t4 " + " ".join(shlex.quote(a) for a in args.argv)
+    report = rep.new_report(command, device, software, missing)
+    if not device["is_t4"]:
+        print(f"Device: {device['name']} — not a T4: latencies are not comparable with the paper's.")
+    out = Path(args.out)
+    sizes = ["s", "m", "l", "x"] if args.size == "all" else [args.size]
+    images = real_images(args)
+    for size in sizes:
+        print(f"[{size.upper()}] building deploy model ({args.checkpoint or 'random weights'})")
+        built = build_deploy_graph(size, args.checkpoint, args.num_classes)
+        info = export_onnx_checked(built, out / "onnx" / f"rtdetrv4_{size}.onnx", args.image_size, threads=args.threads)
+        params = sum(p.numel() for p in built.graph.parameters())
+        report["models"][size] = {"source": built.source, "num_classes": built.num_classes, "params": params,
+                                  "gflops": count_gflops(built.graph, args.image_size),
+                                  "training_only_parts": info["training_only_parts"], "onnx": info["onnx"],
+                                  "onnx_nodes": info["graph"]["nodes"], "opset": info["graph"]["opset"]}
+        report["parity"].append({"size": size, **info["parity"]})
+        print(f"  params {params / 1e6:.2f} M, GFLOPs {report['models'][size]['gflops']:.2f}, "
+              f"training-only parts: {info['training_only_parts'] or 'none'}; onnxruntime vs torch max diff "
+              f"boxes {info['parity']['max_abs_diff_boxes']:.1e}, scores {info['parity']['max_abs_diff_scores']:.1e}")
+        if not info["parity_ok"]:
+            report["warnings"].append(f"{size.upper()}: onnxruntime differs from torch by more than {PARITY_TOL}")
+        if info["training_only_parts"]:
+            report["warnings"].append(f"{size.upper()}: training-only parts in the deploy graph: {info['training_only_parts']}")
+        backends = backends_for(args, built, info["onnx"], trt_ok)
+        timing_images, timing_sizes = _timing_batch(images, args)
+        for b in backends:
+            feeds = b.prepare(timing_images, timing_sizes)
+            stats = measure(lambda: b.infer(*feeds), warmup, iters, args.batch, cuda=b.device.startswith("cuda"),
+                            progress=True)
+            label = b.label if b.device.startswith("cuda") else f"{b.label} ({device['cpu']})"
+            report["results"].append({"size": size, "backend": b.name, "precision": b.precision,
+                                      "device": device["gpu"] if b.device.startswith("cuda") else "cpu",
+                                      "label": label, "batch": args.batch, "image_size": args.image_size,
+                                      "threads": args.threads if b.device == "cpu" else None,
+                                      "latency": stats.to_dict(), "paper_t4_ms": rep.PAPER_T4_MS[size]})
+            print(f"  {label}: mean {stats.mean_ms:.2f} ms, median {stats.median_ms:.2f}, "
+                  f"p90 {stats.p90_ms:.2f}, {stats.fps:.1f} FPS (paper T4 TRT-FP16: {rep.PAPER_T4_MS[size]} ms)")
+        divergence_checks(size, backends, images, args, report)
+        del built, backends
+    for s, a, b, x in rep.ratio_rows(report["results"]):
+        print(f"ratio {s.upper()}: {a} / {b} = {x:.2f}x")
+    return write_outputs(report, out, rep.load_ap(args.ap))
+
+
+def _timing_batch(images, args):
+    if images is None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g)
+        return x, torch.full((args.batch, 2), args.image_size, dtype=torch.int64)
+    idx = torch.arange(args.batch) % images[0].shape[0]
+    return images[0][idx], images[1][idx]
+
+
+def write_outputs(report: dict, out: Path, ap: dict) -> dict:
+    rep.write_json(report, out / "report.json")
+    (out / "report.md").write_text(rep.to_markdown(report))
+    written = [out / "report.json", out / "report.md"]
+    if ap:
+        written.append(rep.plot_ap_latency(report, ap, out / "ap_vs_latency.png"))
+    for w in report["warnings"]:
+        print(f"WARNING: {w}")
+    print(report["note"])
+    print("wrote " + ", ".join(str(w) for w in written))
+    return report
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Run a checkpoint, an ONNX file or a TensorRT engine on images or a video and draw the detections.
+
+    python -m jobs.predict --size l --checkpoint best.pth --input photos/ --out predictions/
+    python -m jobs.predict --onnx export/rtdetrv4_l.onnx --input street.jpg --names data.yaml
+    python -m jobs.predict --engine export/engines/rtdetrv4_l-fp16-....engine --input clip.mp4
+
+Preprocessing is the official one (plain resize to 640, [0,1]); boxes come back in the original
+image's pixels. Writes one annotated image per input (or an annotated video, which needs
+OpenCV) and detections.json with the boxes, labels and scores above --score-thr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torchvision.io import write_jpeg, write_png
+from tqdm import tqdm
+
+from pipeline.deploy_backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+from pipeline.deploy_inputs import VIDEO_EXTS, list_images, read_image, to_inputs, video_frames
+from pipeline.draw import draw_detections
+
+
+def load_backend(args):
+    if sum(x is not None for x in (args.checkpoint, args.onnx, args.engine)) > 1:
+        raise SystemExit("give one of --checkpoint, --onnx, --engine")
+    if args.engine:
+        from pipeline.trt_engine import tensorrt_status
+        ok, why = tensorrt_status()
+        if not ok:
+            raise SystemExit(f"cannot run the engine {args.engine}: {why}. Use --onnx or --checkpoint instead.")
+        return TensorRTBackend(args.engine, "engine")
+    if args.onnx:
+        if not Path(args.onnx).is_file():
+            raise SystemExit(f"ONNX file {args.onnx} not found (python -m jobs.export writes one)")
+        return OnnxRuntimeBackend(args.onnx, threads=args.threads,
+                                  device="cuda" if args.device.startswith("cuda") else "cpu")
+    if not args.size:
+        raise SystemExit("--size is needed with --checkpoint (or random weights)")
+    from jobs.export import build_deploy_graph
+    built = build_deploy_graph(args.size, args.checkpoint, args.num_classes)
+    return TorchBackend(built.graph, args.device, args.precision)
+
+
+def load_names(path: str | None) -> list[str] | None:
+    """Class names from a YOLO data.yaml (`names:` list or {id: name}), a JSON list or a text file."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"--names {p} not found")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+        names = yaml.safe_load(p.read_text()).get("names")
+        if isinstance(names, dict):
+            names = [names[k] for k in sorted(names)]
+        if not isinstance(names, list):
+            raise SystemExit(f"{p} has no 'names' list")
+        return [str(n) for n in names]
+    if p.suffix == ".json":
+        return [str(n) for n in json.loads(p.read_text())]
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def detect(backend, frames, image_size):
+    images, sizes = to_inputs(frames, image_size)
+    return backend.detections(images, sizes)
+
+
+def _record(name, labels, boxes, scores, thr, names):
+    keep = scores >= thr
+    return {"image": name, "detections": [
+        {"label": int(l), "name": names[int(l)] if names and int(l) < len(names) else None,
+         "score": round(float(s), 4), "box_xyxy": [round(float(v), 2) for v in b]}
+        for l, b, s in zip(labels[keep], boxes[keep], scores[keep])]}
+
+
+def predict_images(backend, files, out: Path, args, names) -> list[dict]:
+    records = []
+    for i in tqdm(range(0, len(files), args.batch), desc="predict", unit="batch"):
+        chunk = files[i:i + args.batch]
+        frames = [read_image(f) for f in chunk]
+        labels, boxes, scores = detect(backend, frames, args.image_size)
+        for f, frame, l, b, s in zip(chunk, frames, labels, boxes, scores):
+            drawn, _ = draw_detections(frame, l, b, s, args.score_thr, names)
+            target = out / (f.stem + (".png" if f.suffix.lower() == ".png" else ".jpg"))
+            (write_png if target.suffix == ".png" else write_jpeg)(drawn, str(target))
+            records.append(_record(str(f), l, b, s, args.score_thr, names))
+    return records
+
+
+def predict_video(backend, path: Path, out: Path, args, names) -> list[dict]:
+    frames, fps = video_frames(path)  # says how to install OpenCV when it is missing
+    import cv2
+    writer, records = None, []
+    for n, frame in enumerate(tqdm(frames, desc="predict", unit="frame")):
+        labels, boxes, scores = detect(backend, [frame], args.image_size)
+        drawn, _ = draw_detections(frame, labels[0], boxes[0], scores[0], args.score_thr, names)
+        if writer is None:
+            h, w = drawn.shape[-2:]
+            writer = cv2.VideoWriter(str(out / (path.stem + "_det.mp4")), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        writer.write(drawn.permute(1, 2, 0).numpy()[:, :, ::-1].copy())
+        records.append(_record(f"{path.name}#{n}", labels[0], boxes[0], scores[0], args.score_thr, names))
+    if writer is not None:
+        writer.release()
+    return records
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="an image, a folder of images, or a video")
+    p.add_argument("--size", choices=["s", "m", "l", "x"], help="detector size (with --checkpoint)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--onnx")
+    p.add_argument("--engine")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--names", help="class names: YOLO data.yaml, JSON list or one name per line")
+    p.add_argument("--score-thr", type=float, default=0.5)
+    p.add_argument("--image-size", type=int, default=640)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="torch autocast")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads")
+    p.add_argument("--limit", type=int, help="at most this many images")
+    p.add_argument("--out", default="predictions")
+    args = p.parse_args(argv)
+
+    names = load_names(args.names)
+    src = Path(args.input)
+    is_video = src.suffix.lower() in VIDEO_EXTS
+    files = None if is_video else list_images(src, args.limit)  # fail on bad input before loading a model
+    backend = load_backend(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = predict_video(backend, src, out, args, names) if is_video else predict_images(backend, files, out, args, names)
+    (out / "detections.json").write_text(json.dumps({"backend": backend.label, "score_thr": args.score_thr,
+                                                     "results": records}, indent=1) + "\n")
+    n = sum(len(r["detections"]) for r in records)
+    print(f"{backend.label}: {n} detections >= {args.score_thr} in {len(records)} "
+          f"{'frames' if is_video else 'images'}; drawn into {out}/")
+    return records
+
+
+if __name__ == "__main__":
+    main()

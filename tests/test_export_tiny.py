@@ -1,0 +1,131 @@
+"""Deploy-path tests on a tiny real detector (conv net + top-k postprocessor), independent of RT-DETRv4.
+
+`TinyDeployNet` has the deploy interface of the real graph (images, orig_target_sizes) ->
+(labels, boxes, scores) and a training-only `feature_projector`, so the ONNX checks, onnxruntime
+parity, divergence check, timing and report code are exercised end to end in a second.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline import deploy_onnx, report
+from pipeline.deploy_backends import OnnxRuntimeBackend, TorchBackend
+from pipeline.deploy_divergence import compare_detections
+from pipeline.latency import LatencyStats, device_info, measure
+
+
+class TinyDeployNet(nn.Module):
+    """Stride-16 conv head: one query per cell, sigmoid scores, top-k over queries x classes."""
+
+    def __init__(self, num_classes: int = 5, top_k: int = 20):
+        super().__init__()
+        self.num_classes, self.top_k = num_classes, top_k
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 4, 4), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 4, 4), nn.ReLU())
+        self.cls = nn.Conv2d(32, num_classes, 1)
+        self.box = nn.Conv2d(32, 4, 1)
+        self.feature_projector = nn.Linear(32, 64)  # training-only, like the DSI projector
+
+    def forward(self, images, orig_target_sizes):
+        f = self.body(images)
+        if self.training:
+            return self.feature_projector(f.flatten(2).transpose(1, 2))
+        logits = self.cls(f).flatten(2).transpose(1, 2)            # [B,Q,C]
+        cxcywh = self.box(f).flatten(2).transpose(1, 2).sigmoid()  # [B,Q,4]
+        xyxy = torch.cat([cxcywh[..., :2] - cxcywh[..., 2:] / 2, cxcywh[..., :2] + cxcywh[..., 2:] / 2], -1)
+        xyxy = xyxy * orig_target_sizes.repeat(1, 2)[:, None].to(xyxy.dtype)
+        scores, idx = logits.sigmoid().flatten(1).topk(self.top_k, dim=1)
+        labels = idx % self.num_classes
+        boxes = xyxy.gather(1, (idx // self.num_classes)[..., None].expand(-1, -1, 4))
+        return labels, boxes, scores
+
+
+def export_tiny(path, size=64):
+    net = TinyDeployNet().eval()
+    images, sizes = deploy_onnx.random_inputs(2, size)
+    torch.onnx.export(net, (images, sizes), str(path), input_names=["images", "orig_target_sizes"],
+                      output_names=["labels", "boxes", "scores"], opset_version=17, dynamo=False,
+                      dynamic_axes={"images": {0: "N"}, "orig_target_sizes": {0: "N"}})
+    return net
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    return export_tiny(path), path
+
+
+def test_interface_and_no_training_parts(tiny):
+    net, path = tiny
+    s = deploy_onnx.check_interface(path)
+    assert s["inputs"]["images"][0] == "N" and s["inputs"]["images"][1:] == [3, 64, 64]
+    assert "TopK" in s["op_types"]  # postprocessing is inside the graph
+    assert deploy_onnx.training_only_parts(path) == []
+    assert deploy_onnx.training_only_parts(path, patterns=("body",)) != []  # the check can fire
+
+
+def test_check_interface_rejects_fixed_batch(tmp_path):
+    net = TinyDeployNet().eval()
+    torch.onnx.export(net, deploy_onnx.random_inputs(1, 64), str(tmp_path / "fixed.onnx"),
+                      input_names=["images", "orig_target_sizes"], output_names=["labels", "boxes", "scores"],
+                      opset_version=17, dynamo=False)
+    with pytest.raises(ValueError, match="dynamic_batch"):
+        deploy_onnx.check_interface(tmp_path / "fixed.onnx")
+
+
+def test_onnxruntime_matches_torch_any_batch(tiny):
+    net, path = tiny
+    ort_b, torch_b = OnnxRuntimeBackend(path, threads=1), TorchBackend(net)
+    for batch in (1, 3):  # dynamic batch
+        images, sizes = deploy_onnx.random_inputs(batch, 64, seed=batch, orig_size=(500, 375))
+        p = deploy_onnx.compare_outputs(torch_b.detections(images, sizes), ort_b.detections(images, sizes))
+        assert p.max_abs_diff_boxes <= 1e-3 and p.max_abs_diff_scores <= 1e-3
+        assert p.label_agreement == 1.0 and p.n_compared > 0
+
+
+def test_compare_outputs_detects_a_wrong_graph(tiny):
+    net, path = tiny
+    images, sizes = deploy_onnx.random_inputs(1, 64)
+    ref = TorchBackend(net).detections(images, sizes)
+    wrong = (ref[0], ref[1] * 1.01, ref[2])
+    assert deploy_onnx.compare_outputs(ref, wrong).max_abs_diff_boxes > 1e-3
+
+
+def test_bf16_vs_fp32_divergence_on_tiny_net(tiny):
+    net, _ = tiny
+    images, sizes = deploy_onnx.random_inputs(2, 64, orig_size=(640, 640))
+    fp32 = TorchBackend(net).detections(images, sizes)
+    bf16 = TorchBackend(net, precision="bf16").detections(images, sizes)
+    d = compare_detections(fp32, bf16, "torch fp32", "torch bf16", top_k=10)
+    assert d.n_reference == 20 and 0.0 <= d.recall <= 1.0
+    same = compare_detections(fp32, fp32, "torch fp32", "torch fp32", top_k=10)
+    assert same.recall == 1.0 and same.mean_box_shift_px == 0.0 and not same.diverged
+
+
+def test_timing_and_report_roundtrip(tiny, tmp_path):
+    net, path = tiny
+    b = OnnxRuntimeBackend(path, threads=1)
+    args = b.prepare(*deploy_onnx.random_inputs(1, 64))
+    stats = measure(lambda: b.infer(*args), n_warmup=2, n_iters=5)
+    assert stats.n_iters == 5 and stats.min_ms <= stats.median_ms <= stats.p90_ms and stats.fps > 0
+    rep = report.new_report("pytest", device_info(cuda=False), {"torch": torch.__version__},
+                            [{"what": "tensorrt", "reason": "not installed"}])
+    rep["results"].append({"size": "s", "backend": b.name, "precision": b.precision, "device": "cpu",
+                           "label": b.label, "batch": 1, "image_size": 64, "latency": stats.to_dict()})
+    out = report.write_json(rep, tmp_path / "r.json")
+    back = json.loads(out.read_text())
+    assert back["comparable_to_paper"] is False and "NOT a T4" in back["note"]
+    md = report.to_markdown(back)
+    assert "| S | onnxruntime | fp32 | cpu | 1 |" in md
+    assert "Not run: tensorrt" in md
+
+
+def test_latency_stats():
+    s = LatencyStats.from_samples([1, 2, 3, 4, 10], n_warmup=0, batch=2, timer="t")
+    assert s.mean_ms == 4 and s.median_ms == 3 and s.min_ms == 1 and np.isclose(s.fps, 500)
+    assert np.isclose(s.p90_ms, np.percentile([1, 2, 3, 4, 10], 90))
+    with pytest.raises(ValueError):
+        LatencyStats.from_samples([], 0, 1, "t")
