@@ -40,8 +40,10 @@ def _coco_api(backend: str):
     raise ValueError(f"unknown COCO evaluation backend {backend!r}; choose one of {BACKENDS}")
 
 
-def load_ground_truth(gt: dict | str | Path) -> dict:
-    """A COCO ground-truth dict from a dict or an instances json path (checks the required keys)."""
+def load_ground_truth(gt) -> dict:
+    """A COCO ground-truth dict from a dict, a ``COCO`` object or an instances json path."""
+    if hasattr(gt, "dataset") and isinstance(gt.dataset, Mapping):  # pycocotools / faster-coco-eval COCO
+        gt = gt.dataset
     if not isinstance(gt, Mapping):
         path = Path(gt)
         try:
@@ -167,3 +169,20 @@ class CocoEvaluator:
             raise RuntimeError("CocoEvaluator.summarize() before any update(): nothing was evaluated")
         results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
         return coco_eval(self.gt, results, sorted(per_image), self.backend, verbose)
+
+
+@torch.no_grad()
+def evaluate_detector(model, postprocessor, loader, evaluator: CocoEvaluator, device="cpu",
+                      progress: bool = True) -> dict[str, float]:
+    """Runs ``model`` over ``loader`` (images [B,3,H,W] in [0,1], targets with image_id and
+    orig_size (w, h)), postprocesses to original-image pixels and returns the COCO statistics."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    evaluator.reset()
+    show = progress and not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
+    for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not show):
+        outputs = model(images.to(device))
+        sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(device)
+        evaluator.update(postprocessor(outputs, sizes), [int(t["image_id"]) for t in targets])
+    return evaluator.summarize(verbose=show)

@@ -129,3 +129,27 @@ def test_resume_keeps_complete_shards_and_rejects_other_data(dataset, shards, tm
     assert manifest["num_samples"] == len(dataset)
     with pytest.raises(DatasetError, match="shard_size"):
         write_shards(dataset, out, shard_size=7, progress=False)
+
+
+def test_make_shards_job_on_embedded_default(tmp_path):
+    from jobs.make_shards import main
+
+    manifest = main(["--out", str(tmp_path), "--split", "val", "--shard-size", "16"])
+    dataset = load_dataset(None, split="val")
+    assert manifest["num_samples"] == len(dataset) and manifest["num_shards"] == -(-len(dataset) // 16)
+    assert manifest["label_to_category_id"] == dataset.label_to_category_id
+    assert keys_of(ShardStream(tmp_path)) == [dataset.key(i) for i in range(len(dataset))]
+
+
+def test_make_shards_job_on_taco(taco_dir, tmp_path):
+    from jobs.make_shards import main
+
+    manifest = main(["--data", str(taco_dir), "--split", "val", "--out", str(tmp_path), "--shard-size", "100"])
+    assert [s["count"] for s in manifest["shards"]] == [100, 100, 25]
+    assert len(manifest["class_names"]) == 60
+    dataset = load_dataset(taco_dir, split="val")
+    samples = list(ShardStream(tmp_path, rank=1, world_size=2))  # shard 1 only
+    assert [t["index"] for _, t in samples] == list(range(100, 200))
+    for sample in samples[::25]:
+        assert_same_sample(sample, dataset)
+    assert (tmp_path / "shard-000000.tar").read_bytes().count(dataset.raw(0)[0]) == 1  # bytes as stored
