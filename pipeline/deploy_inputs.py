@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import resize
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -43,9 +43,8 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 def to_inputs(frames: list[torch.Tensor], size: int = 640) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [3,H,W] frames -> (images float [N,3,size,size] in [0,1], orig_target_sizes int64 [N,2] (w,h))."""
-    ims = [F.interpolate(f[None].float(), size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True)[0] for f in frames]
-    images = (torch.stack(ims) / 255.0).clamp_(0, 1)
+    # uint8 antialiased bilinear resize, then /255: what PIL Resize + ToTensor give in training
+    images = torch.stack([resize(f, [size, size], antialias=True) for f in frames]).float() / 255.0
     sizes = torch.tensor([[f.shape[-1], f.shape[-2]] for f in frames], dtype=torch.int64)
     return images, sizes
 
