@@ -1,0 +1,295 @@
+"""DEIM / D-FINE training criterion used by RT-DETRv4 (official ``RTv4Criterion`` without DSI).
+
+Terms (weights are the official defaults, ``DEFAULT_WEIGHTS``):
+
+* ``loss_mal``  Matchability-Aware Loss (DEIM, Eq. 4): BCE against IoU^gamma on the matched class,
+  weighted by sigmoid(p)^gamma on negatives; per-layer Hungarian matching.
+* ``loss_bbox`` / ``loss_giou``  L1 on normalised cxcywh and 1 - GIoU (DETR).
+* ``loss_fgl``  Fine-Grained Localization loss (D-FINE, Eq. 7): two-bin interpolated cross entropy
+  of the edge distributions against the GT edge distances measured from the detached reference
+  boxes, IoU-weighted.
+* ``loss_ddf``  Decoupled Distillation Focal loss (D-FINE GO-LSD, Eq. 8/9): KL(T=5) from the last
+  decoder layer's distributions to every earlier layer; matched queries weighted by IoU, others by
+  the teacher's confidence, both groups averaged separately and mixed by sqrt(count * 8 / B).
+
+Index sets (official behaviour): box/FGL/DDF losses of the final, aux and pre outputs use the
+"uni-set" (union of the matches of all layers; most frequent pair per query), normalised by its
+size; the encoder proposals use it for boxes only; MAL always uses each layer's own matching;
+denoising outputs use the fixed denoising indices with num_boxes * dn_num_group. Keys carry the
+official suffixes ``_aux_i``, ``_pre``, ``_enc_i``, ``_dn_i``, ``_dn_pre``.
+
+The DSI distillation term is not part of this module (see ``detector/dsi.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fdr import bbox2distance
+from .matcher import HungarianMatcher, Indices, cxcywh_to_xyxy
+
+DEFAULT_WEIGHTS = {"loss_mal": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_fgl": 0.15, "loss_ddf": 1.5}
+
+
+# --------------------------------------------------------------------------------------------------
+# Box helpers (torchvision only offers pairwise N x M matrices; the losses need matched pairs).
+# --------------------------------------------------------------------------------------------------
+def _paired_iou_giou(src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+    """Element-wise IoU and GIoU of matched cxcywh boxes; equals diag(box_iou / generalized_box_iou)."""
+    a, b = cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = area_a + area_b - inter
+    iou = inter / union
+    wh_c = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
+    area_c = wh_c[:, 0] * wh_c[:, 1]
+    return iou, iou - (area_c - union) / area_c
+
+
+# --------------------------------------------------------------------------------------------------
+# Matching bookkeeping.
+# --------------------------------------------------------------------------------------------------
+def union_indices(indices_list: list[Indices]) -> Indices:
+    """The GO-LSD "uni-set": per image, the union of all layers' (query, target) matches.
+
+    A query matched to different targets across layers keeps its most frequent pair; pairs are
+    ordered by decreasing count, exactly as the official ``_get_go_indices`` (run on the CPU).
+    """
+    result = []
+    for per_image in zip(*indices_list):
+        rows = torch.cat([src for src, _ in per_image])
+        cols = torch.cat([tgt for _, tgt in per_image])
+        pairs, counts = torch.unique(torch.stack([rows, cols], 1), dim=0, return_counts=True)
+        # Same (unstable) argsort as the official code: it decides which pair wins a tie.
+        pairs = pairs[torch.argsort(counts.cpu(), descending=True)]
+        query, order = torch.sort(pairs[:, 0], stable=True)
+        first = torch.ones_like(query, dtype=torch.bool)
+        first[1:] = query[1:] != query[:-1]
+        keep = order[first].sort().values
+        result.append((pairs[keep, 0], pairs[keep, 1]))
+    return result
+
+
+def denoising_indices(dn_meta: dict, targets: list[dict[str, Tensor]]) -> Indices:
+    """Fixed (query, target) pairs of the positive denoising queries (dn_meta of the decoder)."""
+    positive, groups = dn_meta["dn_positive_idx"], dn_meta["dn_num_group"]
+    indices = []
+    for i, t in enumerate(targets):
+        n = len(t["labels"])
+        tgt = torch.arange(n, dtype=torch.int64, device=t["labels"].device).tile(groups)
+        src = positive[i] if n > 0 else torch.zeros(0, dtype=torch.int64, device=tgt.device)
+        if len(src) != len(tgt):
+            raise ValueError(f"dn_meta has {len(src)} positive queries for image {i}, expected "
+                             f"{n} targets x {groups} groups; pass the same targets to the model and the criterion")
+        indices.append((src, tgt))
+    return indices
+
+
+def _batch_idx(indices: Indices) -> tuple[Tensor, Tensor]:
+    batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    return batch, torch.cat([src for src, _ in indices])
+
+
+def _average_over_world(n: int, device: torch.device) -> float:
+    """Count averaged over the DDP world (all-reduce when initialised), clamped to >= 1."""
+    t = torch.as_tensor([n], dtype=torch.float, device=device)
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        world = dist.get_world_size()
+    return torch.clamp(t / world, min=1).item()
+
+
+@dataclass
+class _StepCache:
+    """Per-call state shared between layers, as in the official criterion.
+
+    FGL targets are computed from the first output that needs them (the final layer, resp. the
+    first dn layer) and reused for the others (all layers share the same reference boxes). The DDF
+    mixing weights come from the last non-denoising layer and are reused for the dn layers.
+    """
+    fgl: tuple[Tensor, Tensor, Tensor] | None = None
+    fgl_dn: tuple[Tensor, Tensor, Tensor] | None = None
+    ddf_mix: tuple[Tensor, Tensor] | None = None
+
+
+class Criterion(nn.Module):
+    """RT-DETRv4 / DEIM-D-FINE set criterion; ``criterion(outputs, targets)`` -> weighted losses.
+
+    ``outputs`` is the official D-FINE training dict (pred_logits, pred_boxes, pred_corners,
+    ref_points, up, reg_scale, aux_outputs, pre_outputs, enc_aux_outputs, enc_meta and, with
+    denoising, dn_outputs, dn_pre_outputs, dn_meta); ``targets`` is a list of dicts with "labels"
+    int64 [N] in 0..C-1 and "boxes" [N,4] normalised cxcywh on the outputs' device. The total loss
+    is ``sum(loss_dict.values())``.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
+                 weight_dict: dict[str, float] | None = None, gamma: float = 1.5,
+                 mal_alpha: float | None = None, reg_max: int = 32, use_uni_set: bool = True,
+                 ddf_temperature: float = 5.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher if matcher is not None else HungarianMatcher()
+        self.weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
+        self.gamma, self.mal_alpha = gamma, mal_alpha
+        self.reg_max, self.use_uni_set, self.ddf_temperature = reg_max, use_uni_set, ddf_temperature
+
+    # ------------------------------------------------------------------------------------ terms
+    def loss_mal(self, out: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict[str, Tensor]:
+        """DEIM MAL: BCE(p, IoU^gamma * onehot) weighted by sigmoid(p)^gamma on negatives."""
+        logits = out["pred_logits"]
+        idx = _batch_idx(indices)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        with torch.no_grad():
+            iou, _ = _paired_iou_giou(out["pred_boxes"][idx], _matched_boxes(targets, indices))
+        classes = torch.full(logits.shape[:2], logits.shape[-1], dtype=torch.int64, device=logits.device)
+        classes[idx] = labels
+        onehot = F.one_hot(classes, logits.shape[-1] + 1)[..., :-1]
+        score = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
+        score[idx] = iou.to(logits.dtype)
+        target = (score.unsqueeze(-1) * onehot).pow(self.gamma)
+        neg_weight = logits.sigmoid().detach().pow(self.gamma)
+        if self.mal_alpha is not None:
+            neg_weight = self.mal_alpha * neg_weight
+        weight = neg_weight * (1 - onehot) + onehot
+        loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+        return {"loss_mal": loss.mean(1).sum() * logits.shape[1] / num_boxes}
+
+    def loss_boxes(self, out: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict[str, Tensor]:
+        """L1 on normalised cxcywh and 1 - GIoU, summed over matches / num_boxes."""
+        src = out["pred_boxes"][_batch_idx(indices)]
+        tgt = _matched_boxes(targets, indices)
+        _, giou = _paired_iou_giou(src, tgt)
+        return {"loss_bbox": F.l1_loss(src, tgt, reduction="none").sum() / num_boxes,
+                "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def loss_local(self, out: dict, targets: list[dict], indices: Indices, num_boxes: float,
+                   up: Tensor, reg_scale: Tensor, cache: _StepCache, is_dn: bool) -> dict[str, Tensor]:
+        """D-FINE FGL on the matched edge distributions and DDF self-distillation from the last layer."""
+        if "pred_corners" not in out:
+            return {}
+        bins = self.reg_max + 1
+        idx = _batch_idx(indices)
+        tgt = _matched_boxes(targets, indices)
+        corners = out["pred_corners"][idx].reshape(-1, bins)
+        fgl = cache.fgl_dn if is_dn else cache.fgl
+        if fgl is None:
+            with torch.no_grad():
+                fgl = bbox2distance(out["ref_points"][idx].detach(), cxcywh_to_xyxy(tgt), self.reg_max, reg_scale, up)
+            if is_dn:
+                cache.fgl_dn = fgl
+            else:
+                cache.fgl = fgl
+        index, w_right, w_left = fgl
+        with torch.no_grad():
+            iou, _ = _paired_iou_giou(out["pred_boxes"][idx], tgt)
+        left = index.long()
+        ce = F.cross_entropy(corners, left, reduction="none") * w_left \
+            + F.cross_entropy(corners, left + 1, reduction="none") * w_right
+        losses = {"loss_fgl": (ce * iou.repeat_interleave(4).float()).sum() / num_boxes}
+
+        if "teacher_corners" in out:
+            ddf = self._ddf(out, idx, iou, cache, is_dn)
+            if ddf is not None:
+                losses["loss_ddf"] = ddf
+        return losses
+
+    def _ddf(self, out: dict, idx: tuple[Tensor, Tensor], iou: Tensor, cache: _StepCache, is_dn: bool) -> Tensor | None:
+        bins, T = self.reg_max + 1, self.ddf_temperature
+        pred = out["pred_corners"].reshape(-1, bins)
+        teacher = out["teacher_corners"].reshape(-1, bins)
+        if torch.equal(pred, teacher):  # the last layer is its own teacher
+            return None
+        weight = out["teacher_logits"].detach().sigmoid().max(dim=-1)[0]
+        matched = torch.zeros_like(weight, dtype=torch.bool)
+        matched[idx] = True
+        weight[idx] = iou.to(weight.dtype)
+        weight = weight.repeat_interleave(4, dim=-1).reshape(-1)
+        matched = matched.repeat_interleave(4, dim=-1).reshape(-1)
+        kl = F.kl_div(F.log_softmax(pred / T, dim=1), F.softmax(teacher.detach() / T, dim=1), reduction="none")
+        loss = weight * (T ** 2) * kl.sum(-1)
+        if not is_dn or cache.ddf_mix is None:
+            scale = 8 / out["pred_boxes"].shape[0]  # keeps the mix independent of the per-GPU batch
+            cache.ddf_mix = ((matched.sum() * scale) ** 0.5, ((~matched).sum() * scale) ** 0.5)
+        w_pos, w_neg = cache.ddf_mix
+        pos = loss[matched].mean() if matched.any() else 0
+        neg = loss[~matched].mean() if (~matched).any() else 0
+        return (pos * w_pos + neg * w_neg) / (w_pos + w_neg)
+
+    # ---------------------------------------------------------------------------------- forward
+    def _layer(self, out: dict, targets: list[dict], cls_indices: Indices, box_indices: Indices,
+               num_cls: float, num_box: float, suffix: str, local: dict | None) -> dict[str, Tensor]:
+        losses = {**self.loss_mal(out, targets, cls_indices, num_cls),
+                  **self.loss_boxes(out, targets, box_indices, num_box)}
+        if local is not None:
+            losses.update(self.loss_local(out, targets, box_indices, num_box, **local))
+        return {k + suffix: v * self.weight_dict[k] for k, v in losses.items() if k in self.weight_dict}
+
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        device = outputs["pred_logits"].device
+        self._check(outputs, targets)
+        aux = outputs.get("aux_outputs", [])
+        pre = outputs.get("pre_outputs")
+        enc = outputs.get("enc_aux_outputs", [])
+        enc_targets = targets
+        if enc and outputs.get("enc_meta", {}).get("class_agnostic", False):
+            enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+
+        to_dev = lambda ind: [(s.to(device), t.to(device)) for s, t in ind]  # noqa: E731
+        match_main = self.matcher(outputs, targets)
+        match_aux = [self.matcher(a, targets) for a in aux]
+        match_pre = self.matcher(pre, targets) if pre is not None else None
+        match_enc = [self.matcher(e, enc_targets) for e in enc]
+        go = union_indices([match_main, *match_aux, *([match_pre] if pre is not None else []), *match_enc])
+
+        num_boxes = _average_over_world(sum(len(t["labels"]) for t in targets), device)
+        if self.use_uni_set:
+            num_go = _average_over_world(sum(len(src) for src, _ in go), device)
+            box_idx, num_box = to_dev(go), num_go
+        else:
+            box_idx, num_box = None, num_boxes
+
+        cache = _StepCache()
+        local = {"up": outputs["up"], "reg_scale": outputs["reg_scale"], "cache": cache, "is_dn": False}
+        losses = {}
+        for out, match, suffix in [(outputs, match_main, ""),
+                                   *[(a, m, f"_aux_{i}") for i, (a, m) in enumerate(zip(aux, match_aux))],
+                                   *([(pre, match_pre, "_pre")] if pre is not None else [])]:
+            m = to_dev(match)
+            losses.update(self._layer(out, targets, m, m if box_idx is None else box_idx, num_boxes, num_box, suffix, local))
+        for i, (e, match) in enumerate(zip(enc, match_enc)):
+            m = to_dev(match)
+            losses.update(self._layer(e, enc_targets, m, m if box_idx is None else box_idx, num_boxes, num_box, f"_enc_{i}", None))
+
+        if "dn_outputs" in outputs:
+            dn_idx = to_dev(denoising_indices(outputs["dn_meta"], targets))
+            dn_num = num_boxes * outputs["dn_meta"]["dn_num_group"]
+            dn_local = {**local, "is_dn": True}
+            for i, out in enumerate(outputs["dn_outputs"]):
+                losses.update(self._layer(out, targets, dn_idx, dn_idx, dn_num, dn_num, f"_dn_{i}", dn_local))
+            if "dn_pre_outputs" in outputs:
+                losses.update(self._layer(outputs["dn_pre_outputs"], targets, dn_idx, dn_idx, dn_num, dn_num,
+                                          "_dn_pre", None))
+        return {k: torch.nan_to_num(v, nan=0.0) for k, v in losses.items()}
+
+    def _check(self, outputs: dict, targets: list[dict]) -> None:
+        if len(targets) != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"Criterion: {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
+        if outputs["pred_logits"].shape[-1] != self.num_classes:
+            raise ValueError(f"Criterion: pred_logits has {outputs['pred_logits'].shape[-1]} classes, "
+                             f"criterion was built with num_classes={self.num_classes}")
+        for i, t in enumerate(targets):
+            labels = t["labels"]
+            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"Criterion: target {i} has labels outside 0..{self.num_classes - 1} "
+                                 f"(got {labels.min().item()}..{labels.max().item()}); map class ids to contiguous 0..C-1")
+
+
+def _matched_boxes(targets: list[dict], indices: Indices) -> Tensor:
+    return torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
