@@ -256,8 +256,10 @@ class ShardStream(IterableDataset):
         shuffle_shards: in exact mode, permute the shard order per epoch (same on every rank).
         policy: an ``AugPolicy``: apply the replayable augmentation of ``AugmentedDataset``
             (record from (seed, epoch, index); mosaic partners read via :class:`ShardIndex`).
-        transform: ``(image, target) -> (image, target)`` applied when ``policy`` is None.
-        join: ``key -> dict`` merged into each target (e.g. cached teacher features).
+        transform: ``(image, target) -> (image, target)`` applied when there is no augmentation.
+        record_fn: ``(epoch, index, annotation) -> AugRecord`` replacing the default record
+            ``sample_record(seed, epoch, index, ...)``, e.g. the cached teacher view of ``ViewPlan``.
+        join: ``key -> dict`` merged into each target after augmentation (e.g. cached teacher features).
         url_template: shard URL from its name, e.g. ``"pipe:aws s3 cp s3://b/p/{name} -"``
             (default: ``source/name``).
     """
@@ -266,7 +268,8 @@ class ShardStream(IterableDataset):
                  world_size: int | None = None, seed: int = 0, epoch: int = 0,
                  samples_per_epoch: int | None = None, shuffle_buffer: int | None = None,
                  shuffle_shards: bool = False, policy=None, transform: Callable | None = None,
-                 join: Callable[[str], dict] | None = None, url_template: str | None = None):
+                 record_fn: Callable | None = None, join: Callable[[str], dict] | None = None,
+                 url_template: str | None = None):
         if mode not in ("exact", "train"):
             raise ValueError(f"mode must be 'exact' or 'train', got {mode!r}")
         if (rank is None) != (world_size is None):
@@ -280,10 +283,11 @@ class ShardStream(IterableDataset):
         self.samples_per_epoch = samples_per_epoch
         self.shuffle_buffer = (1000 if mode == "train" else 0) if shuffle_buffer is None else shuffle_buffer
         self.shuffle_shards = shuffle_shards
-        self.policy, self.transform, self.join = policy, transform, join
+        self.policy, self.transform, self.record_fn, self.join = policy, transform, record_fn, join
         names = [s["name"] for s in self.manifest["shards"]]
         self.urls = [url_template.format(name=n) if url_template else join_url(self.source, n) for n in names]
-        self.partners = ShardIndex(self.source, self.manifest) if policy is not None else None
+        self.augment = policy is not None or record_fn is not None
+        self.partners = ShardIndex(self.source, self.manifest) if self.augment else None
 
     # -- bookkeeping ------------------------------------------------------------------------
     @property
@@ -335,7 +339,7 @@ class ShardStream(IterableDataset):
         annotation = json.loads(sample["json"])
         ext = next(k for k in sample if not k.startswith("__") and k != "json")
         image, target = decode(sample[ext], annotation, source=f"{sample['__url__']}:{annotation['key']}")
-        if self.policy is not None:
+        if self.augment:
             image, target = self._augment(image, target, annotation, epoch)
         elif self.transform is not None:
             image, target = self.transform(image, target)
@@ -345,13 +349,15 @@ class ShardStream(IterableDataset):
         return image, target
 
     def _augment(self, image, target, annotation, epoch):
+        """``AugmentedDataset``'s item for (epoch, index); the record lands in target["record"]."""
         from pipeline.augment import apply_record, sample_record
 
-        record = sample_record(self.seed, epoch, annotation["index"], self.policy, self.num_samples,
-                               (annotation["width"], annotation["height"]), annotation["boxes"])
-        image, target = apply_record(record, image, target, load_partner=self.partners.__getitem__)
-        target["record"] = record.to_dict()
-        return image, target
+        if self.record_fn is not None:
+            record = self.record_fn(epoch, annotation["index"], annotation)
+        else:  # = augment.record_for: the json annotation is the dataset's annotation(index)
+            record = sample_record(self.seed, epoch, annotation["index"], self.policy, self.num_samples,
+                                   (annotation["width"], annotation["height"]), annotation["boxes"])
+        return apply_record(record, image, target, load_partner=self.partners.__getitem__)
 
     def __iter__(self):
         epoch = self.epoch.get()

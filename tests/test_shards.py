@@ -153,3 +153,25 @@ def test_make_shards_job_on_taco(taco_dir, tmp_path):
     for sample in samples[::25]:
         assert_same_sample(sample, dataset)
     assert (tmp_path / "shard-000000.tar").read_bytes().count(dataset.raw(0)[0]) == 1  # bytes as stored
+
+
+def test_stream_augmentation_equals_augmented_dataset(dataset, shards):
+    from pipeline.augment import AugmentedDataset
+    from pipeline.policy import AugPolicy
+
+    policy = AugPolicy(epochs=(0, 1, 2), output_size=(128, 128), mosaic_tile=48)  # epoch 0: mosaic phase
+    reference = AugmentedDataset(dataset, policy, seed=5)
+    mosaics = 0
+    for epoch in (0, 1):
+        stream = ShardStream(shards, rank=0, world_size=1, seed=5, policy=policy, epoch=epoch,
+                             shuffle_buffer=3)
+        samples = list(stream)
+        assert sorted(t["index"] for _, t in samples) == list(range(len(dataset)))
+        for image, target in samples:
+            ref_image, ref_target = reference[(epoch, target["index"])]
+            assert target["record"] == ref_target["record"]
+            assert torch.equal(image, ref_image)
+            assert torch.equal(target["boxes"], ref_target["boxes"])
+            assert torch.equal(target["labels"], ref_target["labels"])
+            mosaics += target["record"]["mosaic"] is not None
+    assert mosaics > 0  # partners were read by random access from the shards
