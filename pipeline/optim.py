@@ -17,15 +17,16 @@ def _named(model: nn.Module, extra: Mapping[str, nn.Module] | None) -> list[tupl
     named = list(model.named_parameters())
     for prefix, mod in (extra or {}).items():
         named += [(f"{prefix}.{n}", p) for n, p in mod.named_parameters()]
-    return [(n, p) for n, p in named if p.requires_grad]
+    return named
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], recipe: Recipe) -> list[dict]:
     """Official grouping: a parameter joins every group whose regex ``re.findall`` matches (in
     order: backbone, norm); the rest form the last group (base lr / base wd). Each group carries a
     ``name`` and the parameter names in ``param_names`` for logging. A parameter matched by both
-    regexes is an error, as it is for torch.optim in the official code."""
-    named = list(named)
+    regexes is an error, as it is for torch.optim in the official code. Frozen parameters
+    (requires_grad False, e.g. the decoder's ``up``/``reg_scale``) are left out, as officially."""
+    named = [(n, p) for n, p in named if p.requires_grad]
     specs = [("backbone", recipe.backbone_regex, dict(lr=recipe.backbone_lr)),
              ("norm", recipe.norm_regex, dict(weight_decay=0.0))]
     groups, seen = [], {}
