@@ -256,16 +256,17 @@ class Criterion(nn.Module):
             box_idx, num_box = None, num_boxes
 
         cache = _StepCache()
-        local = {"up": outputs["up"], "reg_scale": outputs["reg_scale"], "cache": cache, "is_dn": False}
+        local = {"up": outputs.get("up"), "reg_scale": outputs.get("reg_scale"), "cache": cache, "is_dn": False}
+        decoder = [(outputs, match_main, "", local)]
+        decoder += [(a, m, f"_aux_{i}", local) for i, (a, m) in enumerate(zip(aux, match_aux))]
+        decoder += [(pre, match_pre, "_pre", local)] if pre is not None else []
+        encoder = [(e, m, f"_enc_{i}", None) for i, (e, m) in enumerate(zip(enc, match_enc))]
         losses = {}
-        for out, match, suffix in [(outputs, match_main, ""),
-                                   *[(a, m, f"_aux_{i}") for i, (a, m) in enumerate(zip(aux, match_aux))],
-                                   *([(pre, match_pre, "_pre")] if pre is not None else [])]:
+        for out, match, suffix, local_args in decoder + encoder:
             m = to_dev(match)
-            losses.update(self._layer(out, targets, m, m if box_idx is None else box_idx, num_boxes, num_box, suffix, local))
-        for i, (e, match) in enumerate(zip(enc, match_enc)):
-            m = to_dev(match)
-            losses.update(self._layer(e, enc_targets, m, m if box_idx is None else box_idx, num_boxes, num_box, f"_enc_{i}", None))
+            tgts = targets if local_args is not None else enc_targets
+            losses.update(self._layer(out, tgts, m, m if box_idx is None else box_idx, num_boxes, num_box,
+                                      suffix, local_args))
 
         if "dn_outputs" in outputs:
             dn_idx = to_dev(denoising_indices(outputs["dn_meta"], targets))
@@ -284,11 +285,10 @@ class Criterion(nn.Module):
         if outputs["pred_logits"].shape[-1] != self.num_classes:
             raise ValueError(f"Criterion: pred_logits has {outputs['pred_logits'].shape[-1]} classes, "
                              f"criterion was built with num_classes={self.num_classes}")
-        for i, t in enumerate(targets):
-            labels = t["labels"]
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"Criterion: target {i} has labels outside 0..{self.num_classes - 1} "
-                                 f"(got {labels.min().item()}..{labels.max().item()}); map class ids to contiguous 0..C-1")
+        labels = torch.cat([t["labels"] for t in targets])
+        if len(labels) and bool((labels < 0).any() | (labels >= self.num_classes).any()):
+            raise ValueError(f"Criterion: target labels outside 0..{self.num_classes - 1} (got "
+                             f"{labels.min().item()}..{labels.max().item()}); map class ids to contiguous 0..C-1")
 
 
 def _matched_boxes(targets: list[dict], indices: Indices) -> Tensor:

@@ -33,6 +33,16 @@ def test_matches_official_losses(parity, case):
     assert {k: sorted(v) for k, v in _dicts(data["outputs"])} == keys_before  # outputs not mutated
 
 
+@pytest.mark.gpu
+def test_matches_official_losses_on_cuda(parity):
+    data = parity["cases"]["mixed"]
+    to = lambda x: _map(x, lambda t: t.cuda())  # noqa: E731
+    ours = Criterion(num_classes=parity["num_classes"])(to(data["outputs"]), to(data["targets"]))
+    for k, v in data["losses"].items():
+        assert ours[k].device.type == "cuda"
+        assert ours[k].item() == pytest.approx(v, rel=1e-5, abs=1e-5), k
+
+
 def test_mixed_case_covers_every_term(parity):
     keys = set(parity["cases"]["mixed"]["losses"])
     for suffix in ["", "_aux_0", "_aux_1", "_pre", "_enc_0", "_dn_0", "_dn_1", "_dn_2", "_dn_pre"]:
@@ -217,3 +227,14 @@ def _dicts(tree, path="outputs"):
     elif isinstance(tree, (list, tuple)):
         for i, v in enumerate(tree):
             yield from _dicts(v, f"{path}[{i}]")
+
+
+def _map(tree, fn):
+    """Apply fn to every tensor of a nested dict/list structure."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(v, fn) for v in tree)
+    return tree
