@@ -5,6 +5,8 @@ RT-DETRv4 df44122), computed from the weights and inputs that `seeded_decoder` /
 here (the official module loaded our state dict strictly). The test rebuilds ours the same way and
 compares every output tensor. Regenerate with /tmp/detb/make_decoder_refs.py (see README).
 """
+import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,11 @@ DN_SEED = 3
 
 
 def seeded_decoder(case: str) -> DFINEDecoder:
+    return copy.deepcopy(_seeded_decoder(case))
+
+
+@functools.lru_cache(maxsize=None)
+def _seeded_decoder(case: str) -> DFINEDecoder:
     """Our decoder with every weight drawn from a fixed generator (independent of the init code), so
     that no path is trivially zero (the official init zeroes the box heads, LQE and offsets)."""
     torch.manual_seed(0)
