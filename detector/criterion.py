@@ -2,13 +2,13 @@
 
 Terms (weights are the official defaults, ``DEFAULT_WEIGHTS``):
 
-* ``loss_mal``  Matchability-Aware Loss (DEIM, Eq. 4): BCE against IoU^gamma on the matched class,
+* ``loss_mal``  Matchability-Aware Loss (DEIM, CVPR 2025): BCE against IoU^gamma on the matched class,
   weighted by sigmoid(p)^gamma on negatives; per-layer Hungarian matching.
 * ``loss_bbox`` / ``loss_giou``  L1 on normalised cxcywh and 1 - GIoU (DETR).
-* ``loss_fgl``  Fine-Grained Localization loss (D-FINE, Eq. 7): two-bin interpolated cross entropy
+* ``loss_fgl``  Fine-Grained Localization loss (D-FINE, arXiv 2410.13842): two-bin interpolated cross entropy
   of the edge distributions against the GT edge distances measured from the detached reference
   boxes, IoU-weighted.
-* ``loss_ddf``  Decoupled Distillation Focal loss (D-FINE GO-LSD, Eq. 8/9): KL(T=5) from the last
+* ``loss_ddf``  Decoupled Distillation Focal loss (D-FINE GO-LSD): KL(T=5) from the last
   decoder layer's distributions to every earlier layer; matched queries weighted by IoU, others by
   the teacher's confidence, both groups averaged separately and mixed by sqrt(count * 8 / B).
 
@@ -126,7 +126,11 @@ class Criterion(nn.Module):
     ref_points, up, reg_scale, aux_outputs, pre_outputs, enc_aux_outputs, enc_meta and, with
     denoising, dn_outputs, dn_pre_outputs, dn_meta); ``targets`` is a list of dicts with "labels"
     int64 [N] in 0..C-1 and "boxes" [N,4] normalised cxcywh on the outputs' device. The total loss
-    is ``sum(loss_dict.values())``.
+    is ``sum(loss_dict.values())``. Like the official trainer, call it with autocast disabled.
+
+    Beyond the official code (which would fail there): no ``aux_outputs`` is allowed, a
+    class-agnostic encoder (``enc_meta["class_agnostic"]``) is also matched with label 0, and dn
+    layers seen before any aux layer take their DDF mixing weights from their own mask.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
