@@ -238,3 +238,16 @@ def _map(tree, fn):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_map(v, fn) for v in tree)
     return tree
+
+
+def test_class_agnostic_encoder_proposals():
+    gen = torch.Generator().manual_seed(6)
+    targets = _targets([2, 1], 3, gen)
+    outputs, leaves = _synthetic(targets, 3, gen=gen)
+    enc_logits = torch.randn(2, 12, 1, generator=gen).requires_grad_()
+    outputs["enc_aux_outputs"][0]["pred_logits"] = enc_logits
+    outputs["enc_meta"] = {"class_agnostic": True}
+    losses = Criterion(num_classes=3)(outputs, targets)
+    assert torch.isfinite(losses["loss_mal_enc_0"])
+    losses["loss_mal_enc_0"].backward()
+    assert enc_logits.grad.abs().sum() > 0
