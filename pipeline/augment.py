@@ -82,34 +82,32 @@ def _sample_photometric(rng: np.random.Generator, p: AugPolicy) -> dict | None:
     return out
 
 
-def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    lt, rb = np.maximum(boxes[:, :2], box[:2]), np.minimum(boxes[:, 2:], box[2:])
-    inter = np.prod((rb - lt).clip(min=0), axis=1)
-    area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    return inter / (area + np.prod(box[2:] - box[:2]) - inter)
-
-
 def _sample_iou_crop(rng: np.random.Generator, w: int, h: int, boxes: np.ndarray, p: AugPolicy) -> list[int] | None:
-    """torchvision RandomIoUCrop.make_params (SSD): retry options until a crop satisfies one, or 'keep as is'."""
+    """torchvision RandomIoUCrop.make_params (SSD): per drawn min-IoU option, the first of ``trials``
+    random crops that keeps a box centre and reaches the IoU; option 1.0 means 'keep as is'.
+    The trials of one option are drawn as one block (same distribution, vectorised)."""
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     while True:
         min_iou = p.iou_crop_options[int(rng.integers(len(p.iou_crop_options)))]
         if min_iou >= 1.0:
             return None
-        for _ in range(p.iou_crop_trials):
-            r = p.iou_crop_scale[0] + (p.iou_crop_scale[1] - p.iou_crop_scale[0]) * rng.random(2)
-            new_w, new_h = int(w * r[0]), int(h * r[1])
-            if new_w == 0 or new_h == 0 or not p.iou_crop_aspect[0] <= new_w / new_h <= p.iou_crop_aspect[1]:
-                continue
-            r = rng.random(2)
-            left, top = int((w - new_w) * r[0]), int((h - new_h) * r[1])
-            right, bottom = left + new_w, top + new_h
-            cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-            within = (left < cx) & (cx < right) & (top < cy) & (cy < bottom)
-            if not within.any():
-                continue
-            if _box_iou(boxes[within], np.array([left, top, right, bottom], np.float64)).max() < min_iou:
-                continue
-            return [top, left, new_h, new_w]
+        scale = p.iou_crop_scale[0] + (p.iou_crop_scale[1] - p.iou_crop_scale[0]) * rng.random((p.iou_crop_trials, 2))
+        pos = rng.random((p.iou_crop_trials, 2))
+        new_w, new_h = (w * scale[:, 0]).astype(np.int64), (h * scale[:, 1]).astype(np.int64)
+        left, top = ((w - new_w) * pos[:, 0]).astype(np.int64), ((h - new_h) * pos[:, 1]).astype(np.int64)
+        right, bottom = left + new_w, top + new_h
+        within = ((left[:, None] < cx) & (cx < right[:, None]) & (top[:, None] < cy) & (cy < bottom[:, None]))
+        inter = ((np.minimum(right[:, None], boxes[:, 2]) - np.maximum(left[:, None], boxes[:, 0])).clip(min=0)
+                 * (np.minimum(bottom[:, None], boxes[:, 3]) - np.maximum(top[:, None], boxes[:, 1])).clip(min=0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            aspect = new_w / new_h
+            iou = inter / (area + (new_w * new_h)[:, None] - inter)
+        ok = (new_w > 0) & (new_h > 0) & (p.iou_crop_aspect[0] <= aspect) & (aspect <= p.iou_crop_aspect[1])
+        ok &= within.any(1) & (np.where(within, iou, -1.0).max(1, initial=-1.0) >= min_iou)
+        if ok.any():
+            t = int(np.argmax(ok))
+            return [int(top[t]), int(left[t]), int(new_h[t]), int(new_w[t])]
 
 
 def sample_record(seed: int, epoch: int, index: int, policy: AugPolicy, dataset_len: int,
@@ -161,30 +159,21 @@ def plain_record(index: int, flip: bool, size=640) -> AugRecord:
     return AugRecord(index=index, size=size, flip=bool(flip))
 
 
-def _adjust_contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
-    """torchvision adjust_contrast for uint8, but the grey mean is summed exactly (float64 over integers).
-
-    torch's float32 mean over >2^24 / 255 pixels depends on the thread split, which would make the
-    replay differ between a DataLoader worker (1 thread) and the cache writer.
-    """
-    r, g, b = image.unbind(dim=-3)
-    grey = r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_()
-    mean = (grey.to(torch.float64).sum() / grey.numel()).to(torch.float32)
-    return image.mul(float(factor)).add_(mean, alpha=1.0 - float(factor)).clamp_(0, 255).to(torch.uint8)
-
-
 def _photometric(image: torch.Tensor, p: dict) -> torch.Tensor:
-    """RandomPhotometricDistort.transform with recorded factors (same op order)."""
+    """RandomPhotometricDistort.transform with recorded factors, on a PIL image as in the official
+    pipeline (its ops run on PIL): PIL's integer kernels are exact, fast, and thread-count independent."""
+    pil = F.to_pil_image(image)
     if p["brightness"] is not None:
-        image = F.adjust_brightness(image, p["brightness"])
+        pil = F.adjust_brightness(pil, p["brightness"])
     if p["contrast"] is not None and p["contrast_before"]:
-        image = _adjust_contrast(image, p["contrast"])
+        pil = F.adjust_contrast(pil, p["contrast"])
     if p["saturation"] is not None:
-        image = F.adjust_saturation(image, p["saturation"])
+        pil = F.adjust_saturation(pil, p["saturation"])
     if p["hue"] is not None:
-        image = F.adjust_hue(image, p["hue"])
+        pil = F.adjust_hue(pil, p["hue"])
     if p["contrast"] is not None and not p["contrast_before"]:
-        image = _adjust_contrast(image, p["contrast"])
+        pil = F.adjust_contrast(pil, p["contrast"])
+    image = F.pil_to_tensor(pil)
     if p["channel_perm"] is not None:
         image = F.permute_channels(image, p["channel_perm"])
     return image

@@ -58,6 +58,12 @@ class Collate:
         self.epoch = 0
 
     @classmethod
+    def from_recipe(cls, recipe, seed: int = 0, base_size: int = 640) -> "Collate":
+        """The collate of a :class:`pipeline.recipe.Recipe` (mixup epochs/prob, stop_epoch, base_size_repeat)."""
+        return cls(seed=seed, mixup_prob=recipe.mixup_prob, mixup_epochs=recipe.mixup_epochs,
+                   stop_epoch=recipe.stop_epoch, base_size=base_size, base_size_repeat=recipe.base_size_repeat)
+
+    @classmethod
     def for_eval(cls) -> "Collate":
         return cls(mixup_prob=0.0, mixup_epochs=(0, 0), stop_epoch=None, base_size_repeat=None)
 

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def decode(data: bytes, annotation: dict, source: str = "<bytes>"):
     ``decode(*dataset.raw(i))`` equals ``dataset[i]``; streamed shards use it to yield the same samples.
     """
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec (not installed)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError/ValueError with libjpeg's message
         raise DatasetError(f"{source}: cannot decode image ({e}). Fix: replace or re-encode the file, or drop "
                            "it with load_dataset(..., verify_images=True, on_error='skip').") from e

@@ -52,5 +52,11 @@ class AugPolicy:
         e0, e1, e2 = self.epochs
         return {1: range(0, e0), 2: range(e0, e1), 3: range(e1, e2), 4: range(e2, e2 + 1)}[phase]
 
+    @classmethod
+    def from_recipe(cls, recipe, output_size: int = 640) -> "AugPolicy":
+        """The policy of a :class:`pipeline.recipe.Recipe` (its ``policy_epochs`` and ``mosaic_prob``)."""
+        return cls(epochs=tuple(recipe.policy_epochs), mosaic_prob=recipe.mosaic_prob,
+                   mosaic_tile=output_size // 2, output_size=(output_size, output_size))
+
     def to_dict(self) -> dict:
         return asdict(self)
