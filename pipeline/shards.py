@@ -252,7 +252,7 @@ class ShardStream(IterableDataset):
             (``RANK``/``WORLD_SIZE`` env or torch.distributed).
         seed: base seed; shard order, resampling and sample shuffle use (seed, epoch, rank, worker).
         samples_per_epoch: samples per rank per epoch in train mode (default: ceil(N / world)).
-        shuffle_buffer: sample shuffle buffer per worker (0: no sample shuffle).
+        shuffle_buffer: sample shuffle buffer per worker (0: no sample shuffle; train default 256).
         shuffle_shards: in exact mode, permute the shard order per epoch (same on every rank).
         policy: an ``AugPolicy``: apply the replayable augmentation of ``AugmentedDataset``
             (record from (seed, epoch, index); mosaic partners read via :class:`ShardIndex`).
@@ -281,7 +281,8 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.epoch = SharedEpoch(epoch)
         self.samples_per_epoch = samples_per_epoch
-        self.shuffle_buffer = (1000 if mode == "train" else 0) if shuffle_buffer is None else shuffle_buffer
+        # the buffer holds encoded samples (~160 kB for COCO) and is dropped at each epoch end
+        self.shuffle_buffer = (256 if mode == "train" else 0) if shuffle_buffer is None else shuffle_buffer
         self.shuffle_shards = shuffle_shards
         self.policy, self.transform, self.record_fn, self.join = policy, transform, record_fn, join
         names = [s["name"] for s in self.manifest["shards"]]
@@ -366,7 +367,7 @@ class ShardStream(IterableDataset):
         stages += [_open_shards, tar_file_expander, group_by_keys]
         if self.shuffle_buffer:
             rng = random.Random(wds.utils.make_seed(self.seed, epoch, rank, worker, 1))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 2), rng=rng))
         stages.append(wds.map(partial(self._sample, epoch=epoch)))
         pipeline = wds.DataPipeline(*stages)
         if self.mode == "train":
