@@ -14,7 +14,9 @@ Differences from the reference (see README_DIST.md):
     is renormalised over the mapped classes; several teacher classes mapped to one student class are
     merged by logsumexp (their probabilities add); student classes no teacher class maps to are
     left out of the KL. Without a map the label spaces must have the same size (identity).
-The feature, logit and box terms all come from the FINAL decoder layer only, like the reference.
+The logit and box terms use the FINAL decoder layer only, like the reference; the feature term uses
+the fused encoder maps (after AIFI and CCFF), captured without a second forward by
+:class:`EncoderTap`.
 """
 from __future__ import annotations
 
@@ -78,6 +80,31 @@ def hungarian_pairs(s_prob: Tensor, s_boxes: Tensor, t_prob: Tensor, t_boxes: Te
     i, j = linear_sum_assignment(c.cpu().numpy())
     dev = s_boxes.device
     return torch.as_tensor(i, dtype=torch.long, device=dev), torch.as_tensor(j, dtype=torch.long, device=dev)
+
+
+class EncoderTap:
+    """Captures the fused encoder maps of a model whose ``encoder`` returns ``(maps, ...)`` or a
+    list of maps (our HybridEncoder returns ``([P3, P4, P5], F5)``) with a forward hook, so the
+    student and the teacher run once per step (the reference ran backbone+encoder a second time).
+
+        tap = EncoderTap(student)          # keeps the hook until tap.remove()
+        out = student(images, targets)
+        maps = tap.maps                    # [P3, P4, P5] of that forward, graph attached
+    """
+
+    def __init__(self, model: nn.Module):
+        model = model.module if hasattr(model, "module") else model
+        if not hasattr(model, "encoder"):
+            raise ValueError(f"{type(model).__name__} has no .encoder to tap; pass the maps yourself")
+        self.maps: list[Tensor] | None = None
+        self._handle = model.encoder.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        maps = output[0] if isinstance(output, tuple) else output
+        self.maps = list(maps)
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 class RTCODETRDistiller(nn.Module):

@@ -115,3 +115,19 @@ def test_training_reduces_loss():
         loss.backward()
         opt.step()
     assert loss.item() < 0.8 * first
+
+
+def test_with_rtdetrv4_gradient_reaches_aifi_input_proj2_backbone_only():
+    detector = pytest.importorskip("detector")
+    from detector.gam import GAM, GAMConfig
+    model = detector.build_detector("s", num_classes=3, num_denoising=0, num_queries=20).train()
+    out = model(torch.rand(1, 3, 64, 64))
+    dsi = DSI(DSIConfig(student_dim=model.cfg.hidden_dim))
+    loss = dsi(dsi.student_map(out), torch.randn(1, 768, 2, 2))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("encoder.encoder."))
+    assert any(g is not None for n, g in grads.items() if n.startswith("encoder.input_proj.2"))
+    assert all(g is None for n, g in grads.items() if n.startswith(("decoder.", "encoder.input_proj.0")))
+    share = GAM(GAMConfig.for_size("s")).measure(model).item()
+    assert 0 < share < 100

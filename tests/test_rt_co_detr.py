@@ -107,3 +107,26 @@ def test_gradients_reach_student_predictions_only():
         {"pred_logits": sl, "pred_boxes": sb}, {"pred_logits": tl, "pred_boxes": torch.rand(2, 5, 4)})
     sum(out.values()).backward()
     assert sl.grad.abs().sum() > 0 and sb.grad.abs().sum() > 0 and tl.grad is None
+
+
+def test_end_to_end_with_rtdetrv4_student_and_teacher():
+    detector = pytest.importorskip("detector")
+    from detector.rt_co_detr import EncoderTap
+    torch.manual_seed(0)
+    student = detector.build_detector("s", num_classes=3, num_denoising=0, num_queries=20).train()
+    teacher = detector.build_detector("s", num_classes=4, num_denoising=0, num_queries=30).eval()
+    s_tap, t_tap = EncoderTap(student), EncoderTap(teacher)
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        t_out = teacher(images)
+    s_out = student(images)
+    assert [m.shape[-1] for m in s_tap.maps] == [8, 4, 2] and len(t_tap.maps) == 3
+    kd = RTCODETRDistiller(RTCODETRConfig(student_channels=(256,) * 3, teacher_channels=(256,) * 3,
+                                          class_map={0: 0, 1: 1, 3: 2}))
+    losses = kd(s_out, t_out, s_tap.maps, t_tap.maps)
+    assert set(losses) == {"loss_kd_feat", "loss_kd_logit", "loss_kd_box"}
+    sum(losses.values()).backward()
+    assert student.backbone.stem.stem1.conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    s_tap.remove()
+    t_tap.remove()
