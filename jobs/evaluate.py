@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    from detector import build_detector, load_checkpoint
+    from detector import build_detector
+    from detector.checkpoint import load_checkpoint
     from detector.postprocessor import PostProcessor
 
     info = init_distributed(args.device)
@@ -73,7 +74,11 @@ def main(argv=None) -> dict[str, float]:
         raise ValueError(f"--num-classes {num_classes} but {dataset!r} has {dataset.num_classes} classes: "
                          "evaluate on data with the checkpoint's label set")
     model = build_detector(args.size, num_classes=num_classes)
-    load_checkpoint(model, args.checkpoint)
+    report = load_checkpoint(model, args.checkpoint)
+    if report.reinitialised:
+        raise ValueError(f"{args.checkpoint} was trained on a different number of classes than {dataset!r} "
+                         f"({num_classes}); evaluating re-initialised class heads is meaningless. Fix: evaluate on "
+                         "the data set the checkpoint was trained for.")
     model.to(info.device)
 
     val = ValDataset(dataset, args.image_size, args.limit)
