@@ -35,11 +35,13 @@ def read_json(path: Path) -> dict:
 
 def find_coco_split(root: Path, split: str) -> tuple[Path, Path | None]:
     """Locate ``annotations/instances_<split>*.json`` (or ``<split>*.json``) and its image folder in a COCO dir."""
-    candidates = sorted(root.glob(f"annotations/instances_{split}*.json")) + sorted(root.glob(f"annotations/{split}*.json")) \
-        + sorted(root.glob(f"{split}*.json")) + sorted(root.glob(f"instances_{split}*.json"))
+    patterns = (f"annotations/instances_{split}*.json", f"annotations/{split}*.json", f"instances_{split}*.json",
+                f"{split}*.json")
+    candidates = [p for pattern in patterns for p in sorted(root.glob(pattern))]
     if not candidates:
         raise DatasetError(f"{root}: no COCO annotation file for split {split!r} (looked for "
-                           f"annotations/instances_{split}*.json). Fix: pass the json path itself.")
+                           f"annotations/instances_{split}*.json and no data.yaml). Fix: pass the COCO json path itself, "
+                           "or a YOLO directory with data.yaml.")
     ann = candidates[0]
     stem = re.sub(r"^instances_", "", ann.stem)
     for d in (root / stem, root / "images" / stem, root / split, root / "images" / split, root / "images"):

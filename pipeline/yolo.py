@@ -41,7 +41,8 @@ def read_data_yaml(path: Path) -> tuple[Path, dict, list[str]]:
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{yaml_path}: no 'names' list. Fix: add `names: [class0, class1, ...]` in class-id order.")
     if "nc" in data and int(data["nc"]) != len(names):
-        raise DatasetError(f"{yaml_path}: nc is {data['nc']} but 'names' has {len(names)} entries. Fix: make them agree.")
+        raise DatasetError(f"{yaml_path}: nc is {data['nc']} but 'names' has {len(names)} entries. "
+                           "Fix: make them agree.")
     return yaml_path, data, [str(n) for n in names]
 
 

@@ -59,7 +59,8 @@ def test_coco_remap_crowd_degenerate_and_empty_images(coco_dir):
     assert isinstance(image, tv_tensors.Image) and image.dtype == torch.uint8 and image.shape == (3, 48, 64)
     assert isinstance(target["boxes"], tv_tensors.BoundingBoxes) and target["boxes"].format.name == "XYXY"
     # second box clamped to the 64x48 image, labels contiguous
-    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), torch.tensor([[1., 2, 11, 22], [50, 40, 64, 48]]))
+    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor),
+                               torch.tensor([[1., 2, 11, 22], [50, 40, 64, 48]]))
     assert target["labels"].tolist() == [0, 2] and target["image_id"].item() == 10
     assert target["orig_size"].tolist() == [64, 48] and target["key"] == "im0"
     assert ds[1][1]["labels"].tolist() == [1]
