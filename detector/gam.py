@@ -112,9 +112,7 @@ class GAM:
                              "the AIFI share would always be 0")
         self._model_id = id(model)
 
-    def step_share(self, model: nn.Module) -> Tensor:
-        """AIFI share (%) of this step's gradient L1 mass as a 0-d device tensor; 0 when the total
-        is non-finite or <= 0 (released behaviour)."""
+    def _share(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         if self._model_id != id(model):
             self._bind(model)
         aifi, rest = [], []
@@ -122,39 +120,45 @@ class GAM:
             if p.grad is not None:
                 (aifi if is_aifi else rest).append(p.grad.detach())
         if not aifi and not rest:
-            return torch.zeros((), dtype=torch.float64)
+            zero = torch.zeros((), dtype=torch.float64)
+            return zero, zero.bool()
         num, other = (torch.stack(torch._foreach_norm(g, 1)).double().sum() if g else None for g in (aifi, rest))
         num = num if num is not None else torch.zeros_like(other)
         total = num + other if other is not None else num
         ok = torch.isfinite(total) & (total > 0)
-        return torch.where(ok, 100.0 * num / total.clamp_min(1e-300), torch.zeros_like(total))
+        return torch.where(ok, 100.0 * num / total.clamp_min(1e-300), torch.zeros_like(total)), ok
+
+    def step_share(self, model: nn.Module) -> Tensor:
+        """AIFI share (%) of this step's gradient L1 mass (sum |g| over ``encoder.encoder.*`` /
+        over all parameters with a gradient) as a 0-d device tensor; 0 when the total is
+        non-finite or <= 0 (released behaviour)."""
+        return self._share(model)[0]
 
     def measure(self, model: nn.Module) -> Tensor:
         """Accumulate this step's share on device; returns it (``.item()`` only if you log it)."""
-        share = self.step_share(model)
+        share, ok = self._share(model)
         if self._sum is None or self._sum.device != share.device:
             self._sum = torch.zeros((), dtype=torch.float64, device=share.device)
             self._count = torch.zeros((), dtype=torch.float64, device=share.device)
-        if self.cfg.skip_nonfinite:
-            valid = (share > 0).double()
-            self._sum += share * valid
-            self._count += valid
-        else:
-            self._sum += share
-            self._count += 1.0
+        self._sum += share                  # a non-finite step adds 0 ...
+        self._count += ok.double() if self.cfg.skip_nonfinite else 1.0   # ... and counts unless skipped
         self.last_share = share
         return share
 
     # -- per epoch (one sync) --------------------------------------------------------------------
+    @staticmethod
+    def _comm_device() -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def _epoch_stats(self) -> tuple[float, float]:
-        s0, c0 = self._pending
-        device = self._sum.device if self._sum is not None else torch.device("cpu")
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" and device.type == "cpu":
-            device = torch.device("cuda", torch.cuda.current_device())
-        stats = torch.tensor([s0, c0], dtype=torch.float64, device=device)
+        """(sum of shares, number of steps) over this epoch on all ranks: the one sync per epoch."""
+        stats = torch.tensor(self._pending, dtype=torch.float64)
         if self._sum is not None:
-            stats += torch.stack([self._sum, self._count]).to(device)
+            stats = stats.to(self._sum.device) + torch.stack([self._sum, self._count])
         if dist.is_available() and dist.is_initialized():
+            stats = stats.to(self._comm_device())
             dist.all_reduce(stats)
         s, c = stats.tolist()
         return s, c
@@ -169,8 +173,7 @@ class GAM:
         if dist.is_available() and dist.is_initialized():
             # Every rank computed the same value from the all-reduced statistic; broadcasting
             # rank 0's makes it bit-identical regardless of reduction order.
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([new], dtype=torch.float64, device=device)
+            t = torch.tensor([new], dtype=torch.float64, device=self._comm_device())
             dist.broadcast(t, src=0)
             new = t.item()
         self.weight = new
