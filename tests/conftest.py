@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+# The CI machine has 2 cores; tests are small, and oversubscribed threads only slow them down.
+torch.set_num_threads(int(os.environ.get("RTDETRV4_TEST_THREADS", 1)))
+
 REPO = Path(__file__).resolve().parents[1]
 TACO = Path(os.environ.get("TACO_DIR", REPO.parent / "shared" / "data" / "taco_val"))
 
