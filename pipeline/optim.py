@@ -72,7 +72,8 @@ def flat_cosine_lr(it: int, base: float, *, total_iter: int, warmup_iter: int, f
 class FlatCosineSchedule:
     """Per-iteration schedule for every param group from its ``initial_lr``. The official trainer
     calls ``step(global_iter)`` right AFTER the optimizer step of ``global_iter`` (so iteration i
-    trains with lr(i-1)); do the same to reproduce it exactly."""
+    trains with lr(i-1)); do the same to reproduce it exactly. Construction sets lr(0) = 0 for
+    iteration 0 (official: base/500 from a LinearWarmup object that is never stepped again)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, iters_per_epoch: int, epochs: int,
                  flat_epoch: int, no_aug_epoch: int, warmup_iter: int = 2000, lr_gamma: float = 0.5):
@@ -84,6 +85,8 @@ class FlatCosineSchedule:
         self.warmup_iter = warmup_iter
         self.lr_gamma = lr_gamma
         self.last_iter = -1
+        for g, base in zip(optimizer.param_groups, self.base_lrs):
+            g["lr"] = self.lr_at(0, base)
 
     @classmethod
     def from_recipe(cls, optimizer, recipe: Recipe, iters_per_epoch: int) -> "FlatCosineSchedule":

@@ -98,6 +98,8 @@ def test_schedule_per_group_and_full_recipe():
     r = RECIPES["s"]
     opt = build_optimizer(Fake(NAMES), r)
     sched = FlatCosineSchedule.from_recipe(opt, r, iters_per_epoch=3696)
+    assert sched.get_last_lr() == [0.0, 0.0, 0.0]       # iteration 0: warm-up starts at 0
+    assert [g["initial_lr"] for g in opt.param_groups] == [r.backbone_lr, r.lr, r.lr]
     sched.step(1000)
     assert sched.get_last_lr() == pytest.approx([r.backbone_lr / 4, r.lr / 4, r.lr / 4])
     sched.step(64 * 3696)                    # end of the flat phase
