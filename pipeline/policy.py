@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 class AugPolicy:
     epochs: tuple[int, int, int] = (4, 29, 50)  # RT-DETRv4-L/X; S (4, 64, 120), M (4, 49, 90)
     mosaic_prob: float = 0.5
-    mosaic_tile: int = 320  # Mosaic output_size: shorter side of each of the 4 tiles
+    mosaic_tile: int | None = None  # Mosaic output_size (tile shorter side); None: half the output, 320 at 640
     mosaic_rotation: float = 10.0
     mosaic_translate: float = 0.1
     mosaic_scale: tuple[float, float] = (0.5, 1.5)
@@ -36,9 +36,15 @@ class AugPolicy:
     iou_crop_options: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
     iou_crop_trials: int = 40
     flip_p: float = 0.5
-    output_size: tuple[int, int] = (640, 640)  # (h, w), no aspect preservation
+    output_size: tuple[int, int] = (640, 640)  # (h, w), no aspect preservation; an int means square
 
     def __post_init__(self):
+        size = self.output_size
+        size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+        object.__setattr__(self, "output_size", size)
+        object.__setattr__(self, "epochs", tuple(int(e) for e in self.epochs))
+        if self.mosaic_tile is None:
+            object.__setattr__(self, "mosaic_tile", size[0] // 2)
         e0, e1, e2 = self.epochs
         if not 0 <= e0 <= e1 <= e2:
             raise ValueError(f"policy epochs must satisfy 0 <= e0 <= e1 <= e2, got {self.epochs}")
@@ -55,8 +61,7 @@ class AugPolicy:
     @classmethod
     def from_recipe(cls, recipe, output_size: int = 640) -> "AugPolicy":
         """The policy of a :class:`pipeline.recipe.Recipe` (its ``policy_epochs`` and ``mosaic_prob``)."""
-        return cls(epochs=tuple(recipe.policy_epochs), mosaic_prob=recipe.mosaic_prob,
-                   mosaic_tile=output_size // 2, output_size=(output_size, output_size))
+        return cls(epochs=tuple(recipe.policy_epochs), mosaic_prob=recipe.mosaic_prob, output_size=output_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -141,6 +141,8 @@ def test_policy_phases_and_frequencies(ds):
     policy = AugPolicy(epochs=(4, 29, 50))
     assert [policy.phase(e) for e in (0, 3, 4, 28, 29, 49, 50, 80)] == [1, 1, 2, 2, 3, 3, 4, 4]
     assert policy.phase_epochs(2) == range(4, 29)
+    assert policy.mosaic_tile == 320 and AugPolicy(output_size=128).output_size == (128, 128)
+    assert AugPolicy(output_size=128).mosaic_tile == 64
 
     def freq(epoch, fn, n=200):
         return np.mean([fn(sample_record(0, epoch, i, policy, 1000, (640, 480), [[10, 10, 200, 200]]))
