@@ -27,7 +27,7 @@ from pipeline import report as rep
 from pipeline.deploy_backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 from pipeline.deploy_divergence import compare_detections, max_score
 from pipeline.deploy_inputs import list_images, read_image, to_inputs
-from pipeline.latency import device_info, measure
+from pipeline.latency import busy_warning, device_info, measure
 from pipeline.trt_engine import tensorrt_status
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco_val" / "images"
@@ -35,7 +35,8 @@ DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="all", choices=["s", "m", "l", "x", "all"])
+    p.add_argument("--size", nargs="+", default=["all"], choices=["s", "m", "l", "x", "all"],
+                   help="one or more sizes, or all")
     p.add_argument("--checkpoint", help="checkpoint for --size (random weights if omitted)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime", "torch", "all"],
@@ -56,8 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--fp32-layers", nargs="*", default=[], help="TensorRT layers pinned to fp32")
     p.add_argument("--out", default="bench")
     args = p.parse_args(argv)
-    if args.checkpoint and args.size == "all":
-        p.error("--checkpoint needs one --size (s, m, l or x)")
+    args.sizes = ["s", "m", "l", "x"] if "all" in args.size else list(dict.fromkeys(args.size))
+    if args.checkpoint and len(args.sizes) != 1:
+        p.error("--checkpoint needs exactly one --size (s, m, l or x)")
     return args
 
 
@@ -167,9 +169,8 @@ def run(args) -> dict:
     if not device["is_t4"]:
         print(f"Device: {device['name']} — not a T4: latencies are not comparable with the paper's.")
     out = Path(args.out)
-    sizes = ["s", "m", "l", "x"] if args.size == "all" else [args.size]
     images = real_images(args)
-    for size in sizes:
+    for size in args.sizes:
         print(f"[{size.upper()}] building deploy model ({args.checkpoint or 'random weights'})")
         built = build_deploy_graph(size, args.checkpoint, args.num_classes)
         info = export_onnx_checked(built, out / "onnx" / f"rtdetrv4_{size}.onnx", args.image_size, threads=args.threads)
@@ -202,6 +203,9 @@ def run(args) -> dict:
                   f"p90 {stats.p90_ms:.2f}, {stats.fps:.1f} FPS (paper T4 TRT-FP16: {rep.PAPER_T4_MS[size]} ms)")
         divergence_checks(size, backends, images, args, report)
         del built, backends
+    busy = busy_warning(device_info(cuda))  # load at the end, after the timed runs
+    if busy:
+        report["warnings"].append(busy)
     for s, a, b, x in rep.ratio_rows(report["results"]):
         print(f"ratio {s.upper()}: {a} / {b} = {x:.2f}x")
     return write_outputs(report, out, rep.load_ap(args.ap))

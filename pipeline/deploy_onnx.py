@@ -42,7 +42,9 @@ def training_only_parts(onnx_path: str | Path, patterns=TRAINING_ONLY) -> list[s
 
 
 def check_interface(onnx_path: str | Path) -> dict:
-    """Raise if the graph does not have the deploy interface; returns `graph_summary`."""
+    """Raise if the graph is invalid (onnx.checker) or lacks the deploy interface; returns `graph_summary`."""
+    import onnx
+    onnx.checker.check_model(str(onnx_path))
     s = graph_summary(onnx_path)
     want_in, want_out = ["images", "orig_target_sizes"], ["labels", "boxes", "scores"]
     if list(s["inputs"]) != want_in or list(s["outputs"]) != want_out:

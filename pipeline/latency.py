@@ -93,10 +93,20 @@ def cpu_name() -> str:
 def device_info(cuda: bool) -> dict:
     """Describe the device a measurement ran on; `is_t4` tells whether it is comparable to the paper."""
     import os
-    info = {"cpu": cpu_name(), "cpu_threads_available": os.cpu_count(), "gpu": None, "is_t4": False}
+    info = {"cpu": cpu_name(), "cpu_threads_available": os.cpu_count(), "gpu": None, "is_t4": False,
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if cuda and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         cc = torch.cuda.get_device_capability()
         info.update(gpu=name, compute_capability=f"{cc[0]}.{cc[1]}", is_t4="T4" in name)
     info["name"] = info["gpu"] or info["cpu"]
     return info
+
+
+def busy_warning(info: dict) -> str | None:
+    """A warning when other processes load the CPU (timings then measure contention, not the model)."""
+    load, cores = info.get("load_avg_1m"), info.get("cpu_threads_available") or 1
+    if load is not None and load > cores:
+        return (f"CPU busy during the run: 1-minute load average {load:.1f} on {cores} cores; "
+                f"CPU timings are inflated by contention, compare ratios only")
+    return None
