@@ -78,8 +78,8 @@ def _device() -> str:
 class RenderViews:
     """CPU stage: image rows -> one row per planned view (decode once, all views)."""
 
-    def __init__(self, render, num_views: int):
-        self.render, self.num_views = render, num_views
+    def __init__(self, render, num_views: int, input_size: tuple[int, int]):
+        self.render, self.num_views, self.shape = render, num_views, (3, *input_size)
 
     def __call__(self, batch: dict) -> dict:
         out = {"shard": [], "index": [], "view": [], "image": [], "error": []}
@@ -94,8 +94,8 @@ class RenderViews:
                 out["view"].append(view)
                 out["image"].append(image)
                 out["error"].append(error)
-        shape = next((im.shape for im in out["image"] if im is not None), (3, 32, 32))
-        out["image"] = np.stack([im if im is not None else np.zeros(shape, np.uint8) for im in out["image"]])
+        out["image"] = np.stack([im if im is not None else np.zeros(self.shape, np.uint8)
+                                 for im in out["image"]])
         return {k: np.asarray(v) if k != "image" else v for k, v in out.items()}
 
 
@@ -204,7 +204,7 @@ def precompute(store: Store, spec: TeacherSpec, render, *, executor: str = "ray"
 
 
 def _local_batches(store, spec, render, rows, batch_size, num_workers, render_workers):
-    renderer = RenderViews(render, store.num_views)
+    renderer = RenderViews(render, store.num_views, store.plan.input_size)
     worker = TeacherWorker(spec, store.dtype, store.manifest["teacher"]["weights_sha256"])
     pending = {"shard": [], "index": [], "view": [], "image": [], "error": []}
     for r, (shard, index) in enumerate(rows):
@@ -230,8 +230,8 @@ def _ray_batches(store, spec, render, rows, batch_size, num_workers, render_work
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = num_workers or max(gpus, 1)
     ds = ray.data.from_items([{"shard": s, "index": i} for s, i in rows])
-    ds = ds.map_batches(RenderViews, fn_constructor_args=(render, store.num_views), batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=render_workers), num_cpus=1)
+    ds = ds.map_batches(RenderViews, fn_constructor_args=(render, store.num_views, store.plan.input_size),
+                        batch_size=1,                        compute=ray.data.ActorPoolStrategy(size=render_workers), num_cpus=1)
     ds = ds.map_batches(TeacherWorker, fn_constructor_args=(spec, store.dtype,
                                                             store.manifest["teacher"]["weights_sha256"]),
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),

@@ -213,7 +213,8 @@ class Store:
     def _check_resume(self, wanted: dict) -> None:
         """Resuming must continue the very same store (precision included)."""
         have = self.manifest
-        self.check_compatible(teacher=wanted["teacher"], plan_hash=wanted["view_plan"]["hash"],
+        self.check_compatible(teacher=wanted["teacher"], input_size=wanted["view_plan"]["input_size"],
+                              plan_hash=wanted["view_plan"]["hash"],
                               dataset_hash=wanted["dataset"]["hash"], dtype=wanted["dtype"])
         for field, a, b in (("teacher precision", have["teacher"]["protocol"]["precision"],
                              wanted["teacher"]["protocol"]["precision"]),
