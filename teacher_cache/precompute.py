@@ -231,7 +231,7 @@ def _ray_batches(store, spec, render, rows, batch_size, num_workers, render_work
     workers = num_workers or max(gpus, 1)
     ds = ray.data.from_items([{"shard": s, "index": i} for s, i in rows])
     ds = ds.map_batches(RenderViews, fn_constructor_args=(render, store.num_views, store.plan.input_size),
-                        batch_size=1,                        compute=ray.data.ActorPoolStrategy(size=render_workers), num_cpus=1)
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=render_workers), num_cpus=1)
     ds = ds.map_batches(TeacherWorker, fn_constructor_args=(spec, store.dtype,
                                                             store.manifest["teacher"]["weights_sha256"]),
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
