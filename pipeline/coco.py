@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,10 @@ def load_coco(json_path, image_root=None, on_error: str = "raise") -> DetectionD
 
     report = BadSampleReport()
     by_image: dict[int, list] = {im["id"]: [] for im in images}
+    if len(by_image) != len(images):
+        dup = next(i for i, n in Counter(im["id"] for im in images).items() if n > 1)
+        raise DatasetError(f"{json_path}: image id {dup} appears more than once in 'images'. Fix: give every image "
+                           "a unique id.")
     bad_images: set[int] = set()
     for ann in data["annotations"]:
         where = f"annotation id {ann.get('id')}"
@@ -92,8 +98,8 @@ def load_coco(json_path, image_root=None, on_error: str = "raise") -> DetectionD
             bad_images.add(ann["image_id"])
             continue
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-                and np.isfinite(bbox).all()):
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
             report.add(json_path, 0, f"{where}: bbox {bbox!r} is not 4 finite numbers [x, y, w, h]")
             bad_images.add(ann["image_id"])
             continue

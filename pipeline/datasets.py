@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,11 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample], class_names: list[str], label_to_category_id: list[int],
                  root: Path, source: str, stats: dict | None = None, bad_samples: BadSampleReport | None = None,
                  coco_json: Path | None = None):
+        keys = [s.key for s in samples]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k, n in Counter(keys).items() if n > 1)
+            raise DatasetError(f"{source}: two images share the sample key {dup!r} (same path without extension). "
+                               "Fix: rename one; keys identify samples in shards and the teacher cache.")
         self.samples = samples
         self.class_names = list(class_names)
         self.label_to_category_id = [int(c) for c in label_to_category_id]

@@ -175,3 +175,23 @@ def test_taco_pipeline_replays(taco_dir):
         image, target = aug[(epoch, index)]
         _equal((image, target), _replay(taco, AugRecord.from_dict(target["record"])))
         assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()
+
+
+def test_mosaic_layout_without_affine(ds):
+    """Identity affine: the 2x2 canvas holds the 4 images resized to the tile size, boxes offset with them."""
+    tile = 48
+    rec = AugRecord(index=0, mosaic={"partners": [1, 2, 3], "tile": tile, "angle": 0.0, "translate": [0.0, 0.0],
+                                     "scale": 1.0, "fill": 0}, size=(1, 1))
+    tiles = [F.resize(ds[i][0], [tile], antialias=True) for i in range(4)]
+    th, tw = max(t.shape[-2] for t in tiles), max(t.shape[-1] for t in tiles)
+    out, t = apply_record(replace(rec, size=(2 * th, 2 * tw)), *ds[0], load_partner=ds.__getitem__, convert=False)
+    for (ox, oy), img in zip([(0, 0), (tw, 0), (0, th), (tw, th)], tiles):
+        assert torch.equal(out[:, oy:oy + img.shape[-2], ox:ox + img.shape[-1]], img)
+    expect = []
+    for (ox, oy), i in zip([(0, 0), (tw, 0), (0, th), (tw, th)], range(4)):
+        b = F.resize(ds[i][1]["boxes"], [tile]).as_subclass(torch.Tensor) + torch.tensor([ox, oy, ox, oy])
+        expect.append(b)
+    expect = torch.cat(expect)
+    keep = ((expect[:, 2:] - expect[:, :2]) >= 1).all(1)
+    torch.testing.assert_close(t["boxes"].as_subclass(torch.Tensor), expect[keep])
+    assert torch.equal(t["labels"], torch.cat([ds[i][1]["labels"] for i in range(4)])[keep])

@@ -192,3 +192,16 @@ def test_synthetic_is_deterministic(tmp_path, monkeypatch):
     assert load_dataset("synthetic", split="val").content_hash() == ds.content_hash()
     shutil.rmtree(tmp_path / "cache")
     assert synthetic.default_dataset("val").content_hash() == ds.content_hash()  # regenerated identically
+
+
+def test_duplicate_keys_and_image_ids_are_errors(tmp_path, coco_dir):
+    root = _yolo_dir(tmp_path / "y", [["0 0.5 0.5 0.2 0.2"]])
+    _jpeg(root / "images" / "val" / "0.png")
+    with pytest.raises(DatasetError, match="share the sample key '0'"):
+        load_dataset(root, split="val")
+    path = coco_dir / "annotations" / "instances_val.json"
+    data = json.loads(path.read_text())
+    data["images"][1]["id"] = 10
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="image id 10 appears more than once"):
+        load_dataset(path)
