@@ -273,6 +273,7 @@ class DFINEDecoder(nn.Module):
         self.dec_bbox_head = nn.ModuleList(
             MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, act=mlp_act) for _ in range(num_layers))
 
+        self._anchor_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         if self.eval_spatial_size:
             anchors, valid_mask = self._generate_anchors(self._eval_shapes())
             self.register_buffer("anchors", anchors)
@@ -314,10 +315,14 @@ class DFINEDecoder(nn.Module):
         return torch.where(valid_mask, anchors, torch.inf), valid_mask
 
     def _anchors_for(self, spatial_shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        # The stored buffers hold eval_spatial_size only; any other input size regenerates them.
+        # The stored buffers hold eval_spatial_size only; other sizes (multi-scale training) are
+        # generated once per (size, device) and cached instead of rebuilt on the host every step.
         if not self.training and self.eval_spatial_size and list(spatial_shapes) == self._eval_shapes():
             return self.anchors, self.valid_mask
-        return self._generate_anchors(spatial_shapes, device=device)
+        key = (tuple(spatial_shapes), str(device))
+        if key not in self._anchor_cache:
+            self._anchor_cache[key] = self._generate_anchors(spatial_shapes, device=device)
+        return self._anchor_cache[key]
 
     # ------------------------------------------------------------------------------ main stages
     def _flatten_memory(self, feats: List[torch.Tensor]):
@@ -353,7 +358,10 @@ class DFINEDecoder(nn.Module):
         layers that produce outputs (all in training, only eval_idx in eval) and the pre outputs."""
         values = memory.reshape(memory.shape[0], memory.shape[1], self.nhead, -1).permute(0, 2, 3, 1)
         values = values.split([h * w for h, w in spatial_shapes], dim=-1)
-        project = self.project if hasattr(self, "project") else weighting_function(self.reg_max, self.up, self.reg_scale)
+        if hasattr(self, "project"):  # deploy: constant W(n)
+            project = self.project
+        else:
+            project = weighting_function(self.reg_max, self.up, self.reg_scale)
 
         boxes, logits, corners, refs = [], [], [], []
         pre_boxes = pre_logits = None

@@ -38,7 +38,8 @@ def test_train_outputs_without_targets():
     assert out["enc_aux_outputs"][0]["pred_logits"].shape == (2, 10, 5)
     assert out["pre_outputs"]["pred_boxes"].shape == (2, 10, 4)
     for aux in out["aux_outputs"]:
-        assert torch.equal(aux["teacher_corners"], out["pred_corners"]) and torch.equal(aux["teacher_logits"], out["pred_logits"])
+        assert torch.equal(aux["teacher_corners"], out["pred_corners"])
+        assert torch.equal(aux["teacher_logits"], out["pred_logits"])
     assert out["enc_meta"] == {"class_agnostic": False}
 
 

@@ -67,7 +67,8 @@ def test_onnx_export_dynamic_batch(tmp_path):
     path = tmp_path / "pp.onnx"
     args = (outputs["pred_logits"], outputs["pred_boxes"], sizes)
     torch.onnx.export(Wrapped(), args, str(path), opset_version=17, dynamo=False,
-                      input_names=["pred_logits", "pred_boxes", "orig_target_sizes"], output_names=["labels", "boxes", "scores"],
+                      input_names=["pred_logits", "pred_boxes", "orig_target_sizes"],
+                      output_names=["labels", "boxes", "scores"],
                       dynamic_axes={n: {0: "N"} for n in ("pred_logits", "pred_boxes", "orig_target_sizes")})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {"pred_logits": torch.cat([args[0]] * 2).numpy(), "pred_boxes": torch.cat([args[1]] * 2).numpy(),
