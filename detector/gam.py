@@ -89,8 +89,8 @@ def _strip(name: str) -> str:
 
 
 class GAM:
-    """Controller. Per step, after backward (and unscale/clip): ``gam.measure(model)``; at the end
-    of each epoch, on every rank: ``gam.end_epoch(epoch)``; the DSI term is ``gam.weight * loss``."""
+    """Controller. Per step, after backward (and unscale/clip): ``gam.measure(model, dsi)``; at the
+    end of each epoch, on every rank: ``gam.end_epoch(epoch)``; the DSI term is ``gam.weight * loss``."""
 
     def __init__(self, cfg: GAMConfig, aifi_prefix: str = AIFI_PREFIX):
         self.cfg = cfg
@@ -101,20 +101,21 @@ class GAM:
         self._count: Tensor | None = None
         self._pending = (0.0, 0.0)          # restored running stats, added at the next sync
         self._params: list[tuple[nn.Parameter, bool]] | None = None
-        self._model_id: int | None = None
+        self._model_id: tuple[int, ...] | None = None
         self.last_share: Tensor | None = None
 
     # -- per step (no host sync) ---------------------------------------------------------------
-    def _bind(self, model: nn.Module) -> None:
+    def _bind(self, model: nn.Module, extra: tuple[nn.Module, ...]) -> None:
         self._params = [(p, _strip(n).startswith(self.aifi_prefix)) for n, p in model.named_parameters()]
+        self._params += [(p, False) for m in extra for p in m.parameters()]
         if not any(a for _, a in self._params):
             raise ValueError(f"GAM found no parameter named {self.aifi_prefix}* in the model; "
                              "the AIFI share would always be 0")
-        self._model_id = id(model)
+        self._model_id = (id(model),) + tuple(id(m) for m in extra)
 
-    def _share(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        if self._model_id != id(model):
-            self._bind(model)
+    def _share(self, model: nn.Module, extra: tuple[nn.Module, ...] = ()) -> tuple[Tensor, Tensor]:
+        if self._model_id != (id(model),) + tuple(id(m) for m in extra):
+            self._bind(model, extra)
         aifi, rest = [], []
         for p, is_aifi in self._params:
             if p.grad is not None:
@@ -128,15 +129,17 @@ class GAM:
         ok = torch.isfinite(total) & (total > 0)
         return torch.where(ok, 100.0 * num / total.clamp_min(1e-300), torch.zeros_like(total)), ok
 
-    def step_share(self, model: nn.Module) -> Tensor:
+    def step_share(self, model: nn.Module, *extra: nn.Module) -> Tensor:
         """AIFI share (%) of this step's gradient L1 mass (sum |g| over ``encoder.encoder.*`` /
         over all parameters with a gradient) as a 0-d device tensor; 0 when the total is
-        non-finite or <= 0 (released behaviour)."""
-        return self._share(model)[0]
+        non-finite or <= 0 (released behaviour). ``extra`` modules (the DSI projector, which the
+        official model holds as ``encoder.feature_projector``) count in the total only."""
+        return self._share(model, extra)[0]
 
-    def measure(self, model: nn.Module) -> Tensor:
-        """Accumulate this step's share on device; returns it (``.item()`` only if you log it)."""
-        share, ok = self._share(model)
+    def measure(self, model: nn.Module, *extra: nn.Module) -> Tensor:
+        """Accumulate this step's share on device; returns it (``.item()`` only if you log it).
+        Pass the detector (DDP-wrapped or not) and the DSI module: ``gam.measure(model, dsi)``."""
+        share, ok = self._share(model, extra)
         if self._sum is None or self._sum.device != share.device:
             self._sum = torch.zeros((), dtype=torch.float64, device=share.device)
             self._count = torch.zeros((), dtype=torch.float64, device=share.device)

@@ -96,6 +96,13 @@ def test_share_with_and_without_module_prefix(wrap):
     assert share.item() == pytest.approx(100 * 8 / (16 + 8 + 32))
 
 
+def test_extra_modules_count_in_total_only():
+    m, proj = Tiny(), nn.Linear(4, 4, bias=False)
+    _set_grads(m)
+    proj.weight.grad = torch.ones(4, 4)
+    assert GAM(S).measure(m, proj).item() == pytest.approx(100 * 8 / (56 + 16))
+
+
 def test_nonfinite_step_counts_as_zero_or_is_skipped():
     m = Tiny()
     for skip, expected in [(False, 100 * 8 / 56 / 2), (True, 100 * 8 / 56)]:

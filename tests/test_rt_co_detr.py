@@ -130,3 +130,16 @@ def test_end_to_end_with_rtdetrv4_student_and_teacher():
     assert all(p.grad is None for p in teacher.parameters())
     s_tap.remove()
     t_tap.remove()
+
+
+def test_index_pairing_reproduces_reference_formula():
+    # reference: KLDivLoss(batchmean)(log_softmax(s/T), softmax(t/T)) * T^2 and L1Loss(mean) over all queries
+    torch.manual_seed(0)
+    s, t = _out(torch.randn(2, 7, 5), torch.rand(2, 7, 4)), _out(torch.randn(2, 7, 5), torch.rand(2, 7, 4))
+    T = 4.0
+    kl = torch.nn.KLDivLoss(reduction="batchmean")(torch.log_softmax(s["pred_logits"] / T, -1),
+                                                  torch.softmax(t["pred_logits"] / T, -1)) * T * T
+    box = torch.nn.L1Loss()(s["pred_boxes"], t["pred_boxes"])
+    out = RTCODETRDistiller(RTCODETRConfig(student_channels=(), teacher_channels=(), pairing="index"))(s, t)
+    assert out["loss_kd_logit"].item() == pytest.approx(0.8 * kl.item(), rel=1e-5)
+    assert out["loss_kd_box"].item() == pytest.approx(1.2 * box.item(), rel=1e-5)
