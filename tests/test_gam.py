@@ -191,3 +191,18 @@ def test_lambda_identical_across_gloo_ranks(tmp_path):
     p = (100 * 8 / 56 + 100 * 16 / 64) / 2
     assert r0["local"]["share"] == pytest.approx(p) == r1["local"]["share"]
     assert math.isfinite(r0["ddp"]["lambda_new"])
+
+
+def test_closed_loop_reaches_band_edge_when_aifi_gradient_scales_with_lambda():
+    # the odds-ratio rule assumes AIFI gradient mass grows linearly with lambda: under exactly that
+    # model one update lands the share on the nearest band edge, and it then stays unchanged
+    m, gam = Tiny(), GAM(S)
+    shares = []
+    for epoch in range(4):
+        for _ in range(3):
+            _set_grads(m, aifi=0.01 * gam.weight)        # AIFI L1 = 0.16 * lambda, rest = 48
+            gam.measure(m)
+        shares.append(gam.end_epoch(epoch)["share"])
+    assert shares[0] < 10
+    assert shares[1] == pytest.approx(12.0)
+    assert [r["reason"] for r in gam.history[1:]] == ["unchanged"] * 3
