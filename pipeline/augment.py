@@ -11,7 +11,7 @@ lets the teacher cache store views by record and the trainer find them again.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch

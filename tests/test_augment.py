@@ -195,3 +195,18 @@ def test_mosaic_layout_without_affine(ds):
     keep = ((expect[:, 2:] - expect[:, :2]) >= 1).all(1)
     torch.testing.assert_close(t["boxes"].as_subclass(torch.Tensor), expect[keep])
     assert torch.equal(t["labels"], torch.cat([ds[i][1]["labels"] for i in range(4)])[keep])
+
+
+def test_images_without_boxes_go_through_every_op():
+    from torchvision import tv_tensors
+    image = tv_tensors.Image(torch.randint(0, 255, (3, 60, 80), dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(60, 80)),
+              "labels": torch.zeros(0, dtype=torch.int64), "image_id": torch.tensor(0),
+              "orig_size": torch.tensor([80, 60]), "key": "empty"}
+    policy = AugPolicy(epochs=(0, 1, 2), output_size=64)
+    for epoch in (0, 1):
+        for index in range(10):
+            rec = sample_record(0, epoch, index, policy, 5, (80, 60), None)
+            assert rec.iou_crop is None  # no box centre can be kept: RandomIoUCrop leaves the image as is
+            out, t = apply_record(rec, image, target, load_partner=lambda j: (image, target))
+            assert out.shape == (3, 64, 64) and t["boxes"].shape == (0, 4)
