@@ -1,0 +1,81 @@
+"""Deploy graph and ONNX export (official tools/deployment/export_onnx.py behaviour).
+
+The exported graph is model.deploy() + postprocessor.deploy(): inputs `images` [N,3,S,S] float in
+[0,1] (not normalised) and `orig_target_sizes` [N,2] int64 as (w, h); outputs `labels` [N,K] int64,
+`boxes` [N,K,4] xyxy in original-image pixels and `scores` [N,K], K = num_top_queries. Sigmoid,
+top-k and box scaling are inside the graph; there is no NMS. Then e.g.
+`trtexec --onnx=model.onnx --saveEngine=model.engine --fp16`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class DeployModel(nn.Module):
+    """(images, orig_target_sizes) -> (labels, boxes, scores): the official export wrapper."""
+
+    def __init__(self, model: nn.Module, postprocessor: nn.Module):
+        super().__init__()
+        self.model = model if getattr(model, "deployed", False) else copy.deepcopy(model).deploy()
+        self.postprocessor = copy.deepcopy(postprocessor).deploy()
+
+    def forward(self, images: torch.Tensor, orig_target_sizes: torch.Tensor):
+        return self.postprocessor(self.model(images), orig_target_sizes)
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    size: int
+    opset: int
+    max_abs_diff: dict  # onnxruntime vs torch deploy graph on the check input, per output
+
+
+def export_onnx(model: nn.Module, postprocessor: nn.Module, path: str | Path, size: int = 640, opset: int = 17,
+                dynamic_batch: bool = True, check: bool = True) -> ExportReport:
+    """Export the deploy graph at a fixed `size` x `size` input (TorchScript exporter, dynamo=False).
+
+    The model is copied, so the caller's model is not converted. With `check`, the file is validated
+    with onnx.checker and run in onnxruntime on a random batch (2 images when the batch is dynamic);
+    the report holds the max |onnxruntime - torch| per output (labels compared exactly).
+    """
+    if size % 32:
+        raise ValueError(f"export size must be a multiple of 32, got {size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = DeployModel(model, postprocessor).eval()
+    # batch 2 so that batch-dependent ops (anchor repeat) are traced as such
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, size, size, generator=g)
+    sizes = torch.tensor([[size, size], [2 * size, size]], dtype=torch.int64)
+    axes = {"images": {0: "N"}, "orig_target_sizes": {0: "N"}, "labels": {0: "N"}, "boxes": {0: "N"},
+            "scores": {0: "N"}} if dynamic_batch else None
+    with torch.no_grad():
+        torch.onnx.export(net, (images, sizes), str(path), input_names=["images", "orig_target_sizes"],
+                          output_names=["labels", "boxes", "scores"], dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+    diffs = {}
+    if check:
+        diffs = check_onnx(net, path, images if dynamic_batch else images[:2], sizes)
+    return ExportReport(path=path, size=size, opset=opset, max_abs_diff=diffs)
+
+
+def check_onnx(net: nn.Module, path: Path, images: torch.Tensor, sizes: torch.Tensor) -> dict:
+    """onnx.checker + onnxruntime run; returns max abs differences to the torch deploy graph."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
+    with torch.no_grad():
+        want = net(images, sizes)
+    diffs = {}
+    for name, a, b in zip(("labels", "boxes", "scores"), got, want):
+        diffs[name] = float((torch.from_numpy(a).double() - b.double()).abs().max())
+    return diffs
