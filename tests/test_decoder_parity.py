@@ -3,7 +3,7 @@
 tests/data/decoder_parity_*.pt hold outputs of the OFFICIAL code (engine/rtv4/dfine_decoder.py at
 RT-DETRv4 df44122), computed from the weights and inputs that `seeded_decoder` / `case_inputs` build
 here (the official module loaded our state dict strictly). The test rebuilds ours the same way and
-compares every output tensor. Regenerate with /tmp/detb/make_decoder_refs.py (see README).
+compares every output tensor. Regenerate with `PYTHONPATH=. python tests/test_decoder_parity.py --official <checkout>`.
 """
 import copy
 import functools
@@ -124,3 +124,87 @@ def test_state_dict_matches_official_layout():
     ours = {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()}
     assert ours == layout["s_keys"]
     assert sum(p.numel() for p in model.parameters()) == layout["s_num_params"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Regenerating the references: `PYTHONPATH=. python tests/test_decoder_parity.py --official /path/to/RT-DETRv4`.
+# Imports the official decoder modules from a checkout of the official repository (not part of this
+# project; its package __init__ pulls training-only dependencies, so only the needed files are loaded),
+# loads our seeded weights into it strictly, and stores ITS outputs. Prints our max |difference|.
+
+def _official_modules(root: str):
+    import importlib
+    import sys
+    import types
+
+    def package(name, path):
+        module = types.ModuleType(name)
+        module.__path__ = [path]
+        sys.modules[name] = module
+
+    package("engine", f"{root}/engine")
+    core = types.ModuleType("engine.core")
+    core.register = lambda *a, **k: (lambda cls: cls)
+    sys.modules["engine.core"] = core
+    package("engine.rtv4", f"{root}/engine/rtv4")
+    return {name: importlib.import_module(f"engine.rtv4.{name}")
+            for name in ("dfine_decoder", "dfine_utils", "postprocessor")}
+
+
+def _official_decoder(official, case_cfg, state_dict):
+    cfg = dict(hidden_dim=256, num_queries=300, feat_strides=[8, 16, 32], num_levels=3, num_points=[3, 6, 3],
+               nhead=8, num_layers=6, dim_feedforward=1024, dropout=0.0, activation="silu", mlp_act="silu",
+               num_denoising=100, label_noise_ratio=0.5, box_noise_scale=1.0, eval_idx=-1, reg_max=32, layer_scale=1)
+    cfg.update(case_cfg, feat_channels=list(case_cfg["feat_channels"]),
+               eval_spatial_size=list(case_cfg["eval_spatial_size"]))
+    model = official["dfine_decoder"].DFINETransformer(**cfg)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def make_references(root: str):
+    from test_decoder_fdr import UP, fdr_inputs
+    from test_postprocessor import pp_inputs
+
+    official = _official_modules(root)
+    for case in CASES:
+        refs = {}
+        for mode in MODES[case]:
+            ours = seeded_decoder(case)
+            theirs = _official_decoder(official, CASES[case], ours.state_dict())
+            theirs.num_denoising = 0 if mode == "train" else theirs.num_denoising  # it needs targets otherwise
+            feats, targets = case_inputs(case)
+            with torch.no_grad():
+                refs[mode] = flatten_outputs(run_mode(theirs, mode, feats, targets))
+                got = flatten_outputs(run_mode(ours, mode, feats, targets))
+            diff = max(((refs[mode][k] - got[k]).abs().max().item() for k in got if got[k].is_floating_point()))
+            print(f"{case} {mode}: {len(got)} tensors, max |ours - official| = {diff:.3e}")
+        torch.save(refs, DATA / f"decoder_parity_{case}.pt")
+
+    layout = {}
+    for size, cfg in (("s", dict(num_layers=3, reg_scale=4)), ("x", dict(feat_channels=(384,) * 3, reg_scale=8))):
+        cfg = dict(dict(num_classes=80, feat_channels=(256,) * 3, eval_spatial_size=(640, 640)), **cfg)
+        model = _official_decoder(official, cfg, DFINEDecoder(**cfg).state_dict())
+        layout[f"{size}_keys"] = {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()}
+        layout[f"{size}_num_params"] = sum(p.numel() for p in model.parameters())
+    torch.save(layout, DATA / "decoder_parity_layout.pt")
+
+    utils, misc = official["dfine_utils"], {}
+    points, boxes = fdr_inputs()
+    for reg_scale in (4, 8):
+        rs = torch.tensor([reg_scale])
+        misc[f"weighting_{reg_scale}"] = utils.weighting_function(32, UP, rs)
+        misc[f"weighting_deploy_{reg_scale}"] = utils.weighting_function(32, UP, rs, deploy=True)
+        misc[f"bbox2distance_{reg_scale}"] = torch.stack(utils.bbox2distance(points, boxes, 32, rs, UP))
+    outputs, sizes = pp_inputs()
+    post = official["postprocessor"].PostProcessor(num_classes=7, num_top_queries=30).deploy()
+    misc["postprocess"] = dict(zip(("labels", "boxes", "scores"), post(outputs, sizes)))
+    torch.save(misc, DATA / "decoder_parity_misc.pt")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Regenerate tests/data/decoder_parity_*.pt from the official code")
+    parser.add_argument("--official", required=True, help="root of an RT-DETRv4 checkout (contains engine/)")
+    make_references(parser.parse_args().official)
