@@ -237,6 +237,7 @@ class Store:
             if base.endswith(".json") and base[:-5].isdigit():
                 done.add(int(base[:-5]))
         self._done = {s for s in done if s < self.num_shards and self._marker_valid(s)}
+        self._indexes: dict[tuple[int, int], np.ndarray] = {}
 
     def _marker_valid(self, shard: int) -> bool:
         try:
@@ -270,6 +271,7 @@ class Store:
             raise ValueError(f"shard {shard}: an {self.dtype} store needs scale={'an array' if self.scale is not None else 'None'}")
         self.fs.rm_file(self._marker(shard)) if self.fs.exists(self._marker(shard)) else None
         self._done.discard(shard)
+        self._indexes = {k: v for k, v in self._indexes.items() if k[1] != shard}
         for obj in self._shard_objects(shard):  # leftovers of an interrupted run: never patched
             if self.fs.exists(obj):
                 self.fs.rm_file(obj)
@@ -341,9 +343,23 @@ class Store:
         if not self.has(key_or_index, view_id):
             return None
         i = self.index_of(key_or_index)
-        tokens = torch.from_numpy(np.asarray(self.tokens[i, view_id]))
-        scale = torch.from_numpy(np.asarray(self.scale[i, view_id])) if self.scale is not None else None
+        tokens = self._chunk(0, i, view_id, self.tokens.dtype, (-1, self.dim))
+        scale = self._chunk(1, i, view_id, np.float16, (-1,)) if self.scale is not None else None
         return decode(tokens, scale, self.grid)
+
+    def _chunk(self, array: int, i: int, view: int, dtype, shape) -> torch.Tensor:
+        """One inner chunk by a single ranged read, the shard's index cached (cache_prior_art.md
+        section 4.4); valid because our arrays use the raw little-endian bytes codec only."""
+        shard = i // self.shard_size
+        obj = self._shard_objects(shard)[array]
+        index = self._indexes.get((array, shard))
+        if index is None:
+            raw = self.fs.cat_file(obj, start=0, end=self.shard_size * self.num_views * 16)
+            index = self._indexes[(array, shard)] = np.frombuffer(raw, "<u8").reshape(
+                self.shard_size, self.num_views, 2)
+        offset, nbytes = (int(x) for x in index[i - shard * self.shard_size, view])
+        raw = self.fs.cat_file(obj, start=offset, end=offset + nbytes)
+        return torch.from_numpy(np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).copy())
 
     def read_batch(self, keys_or_indices, view_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Grids [B, C, h, w] and a bool mask [B] of the views present (absent rows are zero)."""
