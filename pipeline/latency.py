@@ -57,7 +57,7 @@ def measure(fn: Callable[[], object], n_warmup: int = 10, n_iters: int = 50, bat
     iters = range(n_iters)
     if progress:
         from tqdm import tqdm
-        iters = tqdm(iters, desc="timing", unit="call", leave=False)
+        iters = tqdm(iters, desc="timing", unit="call", leave=False, disable=None)
     samples = []
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
