@@ -193,13 +193,14 @@ def run(args) -> dict:
             feeds = b.prepare(timing_images, timing_sizes)
             stats = measure(lambda: b.infer(*feeds), warmup, iters, args.batch, cuda=b.device.startswith("cuda"),
                             progress=True)
-            label = b.label if b.device.startswith("cuda") else f"{b.label} ({device['cpu']})"
+            on_gpu = b.device.startswith("cuda")
+            label = b.label
             report["results"].append({"size": size, "backend": b.name, "precision": b.precision,
-                                      "device": device["gpu"] if b.device.startswith("cuda") else "cpu",
+                                      "device": f"cuda: {device['gpu']}" if on_gpu else f"cpu: {device['cpu']}",
                                       "label": label, "batch": args.batch, "image_size": args.image_size,
                                       "threads": args.threads if b.device == "cpu" else None,
                                       "latency": stats.to_dict(), "paper_t4_ms": rep.PAPER_T4_MS[size]})
-            print(f"  {label}: mean {stats.mean_ms:.2f} ms, median {stats.median_ms:.2f}, "
+            print(f"  {label} ({device['gpu'] if on_gpu else device['cpu']}): mean {stats.mean_ms:.2f} ms, median {stats.median_ms:.2f}, "
                   f"p90 {stats.p90_ms:.2f}, {stats.fps:.1f} FPS (paper T4 TRT-FP16: {rep.PAPER_T4_MS[size]} ms)")
         divergence_checks(size, backends, images, args, report)
         del built, backends

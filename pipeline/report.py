@@ -84,12 +84,12 @@ def to_markdown(report: dict) -> str:
              f"`{report['command']}`  ({report['created_utc']})", "", f"> {report['note']}"]
     for u in report["unavailable"]:
         lines.append(f"> Not run: {u['what']}: {u['reason']}")
-    lines += ["", "| size | backend | precision | device | batch | mean ms | median ms | p90 ms | FPS "
-              "| params (M) | GFLOPs | paper T4 TRT-FP16 ms |", "|" + "---|" * 12]
+    lines += ["", "| size | backend | precision | device | batch | input | mean ms | median ms | p90 ms | FPS "
+              "| params (M) | GFLOPs | paper T4 TRT-FP16 ms |", "|" + "---|" * 13]
     for r in report["results"]:
         m = report["models"].get(r["size"], {})
         lat = r["latency"]
-        lines.append(f"| {r['size'].upper()} | {r['backend']} | {r['precision']} | {r['device']} | {r['batch']} "
+        lines.append(f"| {r['size'].upper()} | {r['backend']} | {r['precision']} | {r['device']} | {r['batch']} | {r['image_size']} "
                      f"| {lat['mean_ms']:.2f} | {lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['fps']:.1f} "
                      f"| {_fmt(m.get('params') and m['params'] / 1e6)} | {_fmt(m.get('gflops'))} "
                      f"| {PAPER_T4_MS.get(r['size'], '-')} |")
@@ -113,7 +113,8 @@ def to_markdown(report: dict) -> str:
         lines += ["", "Reduced vs full precision on real images:", "",
                   "| size | reference | candidate | selection | recall | labels agree | mean IoU | box shift px | diverged |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {d['size'].upper()} | {d['reference']} | {d['candidate']} | {d['selection']} | {d['recall']:.3f} "
+        lines += [f"| {d['size'].upper()} | {d['reference']} | {d['candidate']} | {d['selection']}"
+                  f"{' (random weights: indicative only)' if d.get('note') else ''} | {d['recall']:.3f} "
                   f"| {d['label_agreement']:.3f} | {d['mean_iou']:.3f} | {d['mean_box_shift_px']:.2f} "
                   f"| {'YES: ' + '; '.join(d['reasons']) if d['diverged'] else 'no'} |" for d in report["divergence"]]
     if report["warnings"]:

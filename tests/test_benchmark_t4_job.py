@@ -26,7 +26,7 @@ def test_benchmark_job_falls_back_and_labels_everything(tmp_path, taco_dir, monk
     if not torch.cuda.is_available():
         assert {(x["backend"], x["precision"]) for x in saved["results"]} == {
             ("onnxruntime", "fp32"), ("torch", "fp32"), ("torch", "bf16")}
-        assert all(saved["device"]["cpu"] in x["label"] for x in saved["results"])  # CPU model on every row
+        assert all(x["device"] == f"cpu: {saved['device']['cpu']}" for x in saved["results"])  # CPU model on every row
     assert all(x["batch"] == 1 and x["latency"]["n_iters"] == 2 for x in saved["results"])
     model = saved["models"]["s"]
     assert model["training_only_parts"] == [] and round(model["params"] / 1e6, 2) == 10.24 and model["gflops"] > 0

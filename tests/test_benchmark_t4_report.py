@@ -58,7 +58,7 @@ def test_markdown_names_device_caveat_and_ratios():
     md = report.to_markdown(_report())
     assert md.startswith("# RT-DETRv4 deploy benchmark on Intel(R) Xeon(R)")
     assert "NOT a T4" in md and "Not run: tensorrt: tensorrt is not installed" in md
-    assert "| S | onnxruntime | fp32 | cpu | 1 | 100.00 |" in md and "| 8.07 |" in md
+    assert "| S | onnxruntime | fp32 | cpu | 1 | 640 | 100.00 |" in md and "| 8.07 |" in md
     assert "| S | torch fp32 cpu | onnxruntime fp32 cpu | 1.50x |" in md
     assert "| S | 10,240,000 | 25.10 | none |" in md
 

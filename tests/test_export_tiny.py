@@ -119,7 +119,7 @@ def test_timing_and_report_roundtrip(tiny, tmp_path):
     back = json.loads(out.read_text())
     assert back["comparable_to_paper"] is False and "NOT a T4" in back["note"]
     md = report.to_markdown(back)
-    assert "| S | onnxruntime | fp32 | cpu | 1 |" in md
+    assert "| S | onnxruntime | fp32 | cpu | 1 | 64 |" in md
     assert "Not run: tensorrt" in md
 
 
