@@ -175,3 +175,18 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, dsi: Optional[torc
     torch.save(ckpt, tmp)
     tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint
     return path
+
+
+def detector_from_checkpoint(path: str | Path) -> torch.nn.Module:
+    """Build the RTDETRv4 of the size and class count stored in ``path`` and load it (used for
+    detector teachers, e.g. RT-CO-DETR distillation from a trained X)."""
+    from .model import build_detector
+
+    state, _ = _extract_state(torch.load(str(path), map_location="cpu", weights_only=False), str(path))
+    state = _strip_module(state)
+    size = detect_size(state)
+    if size is None:
+        raise ValueError(f"{path}: cannot tell the RT-DETRv4 size from its tensor shapes")
+    model = build_detector(size, num_classes=state["decoder.enc_score_head.weight"].shape[0])
+    load_checkpoint(model, path)
+    return model

@@ -6,6 +6,7 @@ teacher is randomly initialised (a loud warning says so): both only for trying t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import fields
@@ -26,7 +27,12 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--img-size", type=int, default=640)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--distill", choices=["dsi", "none"], default="dsi")
+    p.add_argument("--distill", choices=["dsi", "codetr", "none"], default="dsi",
+                   help="dsi: RT-DETRv4 (VFM teacher, DSI+GAM); codetr: RT-CO-DETR (detector teacher)")
+    p.add_argument("--teacher-checkpoint", help="RT-CO-DETR teacher: a detector checkpoint (ours or official)")
+    p.add_argument("--class-map", type=json.loads, help='RT-CO-DETR: JSON {"teacher_label": student_label}')
+    p.add_argument("--pairing", choices=["hungarian", "index"], default="hungarian",
+                   help="RT-CO-DETR query pairing (index = the reference implementation)")
     p.add_argument("--cache", help="teacher-feature store written by jobs.cache_teacher")
     p.add_argument("--vfm", default="dinov3_vitb", help="online teacher (fallback for views the cache lacks)")
     p.add_argument("--weights", help="local teacher weights (.pth / .safetensors)")

@@ -24,11 +24,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from detector import build_detector
-from detector.checkpoint import load_checkpoint
+from detector.checkpoint import detector_from_checkpoint, load_checkpoint
 from detector.criterion import Criterion
 from detector.dsi import DSI, DSIConfig
 from detector.gam import GAM
 from detector.postprocessor import PostProcessor
+from detector.rt_co_detr import EncoderTap, RTCODETRConfig, RTCODETRDistiller
 from pipeline.distributed import DistInfo, all_gather_floats, all_true, barrier, init_distributed, reduce_mean
 from pipeline.ema import ModelEMA
 from pipeline.evaluate import CocoEvaluator, format_table
@@ -52,7 +53,10 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     # distillation
-    distill: str = "dsi"               # "dsi" | "none"
+    distill: str = "dsi"               # "dsi" (RT-DETRv4) | "codetr" (RT-CO-DETR) | "none"
+    teacher_checkpoint: str | None = None  # RT-CO-DETR: a detector checkpoint (ours or official)
+    class_map: dict | None = None      # RT-CO-DETR: teacher label -> student label
+    pairing: str = "hungarian"         # RT-CO-DETR query pairing: hungarian | index (reference)
     cache: str | None = None           # teacher-feature store (jobs.cache_teacher)
     vfm: str = "dinov3_vitb"
     weights: str | None = None         # teacher weights; None: random init (loud warning)
@@ -74,13 +78,15 @@ class TrainConfig:
 
 
 class Student(nn.Module):
-    """Detector + training-only DSI projector, wrapped together so DDP reduces both and GAM's
-    total gradient mass includes the projector, as in the official model."""
+    """Detector + training-only DSI projector (or RT-CO-DETR feature projections), wrapped
+    together so DDP reduces both and GAM's total gradient mass includes the projector, as in the
+    official model."""
 
-    def __init__(self, detector: nn.Module, dsi: DSI | None):
+    def __init__(self, detector: nn.Module, dsi: DSI | None, codetr: RTCODETRDistiller | None = None):
         nn.Module.__init__(self)
         self.detector = detector
         self.dsi = dsi
+        self.codetr = codetr
 
     def forward(self, images, targets=None):
         return self.detector(images, targets)
@@ -140,12 +146,14 @@ class Trainer:
         if cfg.finetune:
             report = load_checkpoint(detector, cfg.finetune)
             log.info("finetune from %s: %s", cfg.finetune, report)
-        dsi = None
+        dsi = codetr = None
         if cfg.distill == "dsi":
             dsi = DSI(DSIConfig(student_dim=detector.cfg.hidden_dim, teacher_dim=self.data.teacher_dim))
+        elif cfg.distill == "codetr":
+            codetr = self._build_codetr(detector)
         elif cfg.distill != "none":
-            raise ValueError(f"--distill must be dsi or none, got {cfg.distill!r}")
-        student = Student(detector, dsi).to(dev)
+            raise ValueError(f"--distill must be dsi, codetr or none, got {cfg.distill!r}")
+        student = Student(detector, dsi, codetr).to(dev)
         if self.dist.enabled and dev.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.student = student
@@ -153,15 +161,29 @@ class Trainer:
             if self.dist.enabled else student
         self.criterion = Criterion(num_classes=self.data.num_classes)
         self.postprocessor = PostProcessor(num_classes=self.data.num_classes)
-        self.optimizer = build_optimizer(detector, self.recipe, extra={"encoder.feature_projector": dsi} if dsi else None)
+        extra = {"encoder.feature_projector": dsi} if dsi else {"codetr": codetr} if codetr else None
+        self.optimizer = build_optimizer(detector, self.recipe, extra=extra)
         self.schedule = FlatCosineSchedule.from_recipe(self.optimizer, self.recipe, self.steps_per_epoch)
         self.schedule.step(0)
         self.ema = ModelEMA(detector, decay=self.recipe.ema_decay, warmups=self.recipe.ema_warmups)
+        self.student_tap = EncoderTap(detector) if codetr is not None else None  # after the EMA copy
         self.amp_dtype = _amp_dtype(cfg.amp, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
         gam_cfg = replace(self.recipe.gam, lambda0=cfg.distill_weight or self.recipe.gam.lambda0)
         self.gam = GAM(gam_cfg, aifi_prefix="detector.encoder.encoder.") if dsi is not None else None
         self.static_weight = gam_cfg.lambda0
+
+    def _build_codetr(self, detector) -> RTCODETRDistiller:
+        """RT-CO-DETR: a frozen detector teacher (any of our or the official checkpoints)."""
+        if not self.cfg.teacher_checkpoint:
+            raise ValueError("--distill codetr needs --teacher-checkpoint (a trained detector, e.g. an X teaching S)")
+        teacher = detector_from_checkpoint(self.cfg.teacher_checkpoint).to(self.dist.device).eval()
+        self.detector_teacher = teacher.requires_grad_(False)
+        self.teacher_tap = EncoderTap(teacher)
+        hidden = (detector.cfg.hidden_dim,) * 3
+        class_map = {int(k): int(v) for k, v in (self.cfg.class_map or {}).items()} or None
+        return RTCODETRDistiller(RTCODETRConfig(student_channels=hidden, teacher_channels=(teacher.cfg.hidden_dim,) * 3,
+                                                class_map=class_map, pairing=self.cfg.pairing))
 
     # -- checkpoints -----------------------------------------------------------------------
     def _state(self) -> dict:
@@ -169,6 +191,7 @@ class Trainer:
                     class_names=self.data.class_names, config=asdict(self.cfg), recipe=asdict(self.recipe),
                     model=self.student.detector.state_dict(), ema=self.ema.state_dict(),
                     dsi=self.student.dsi.state_dict() if self.student.dsi is not None else None,
+                    codetr=self.student.codetr.state_dict() if self.student.codetr is not None else None,
                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                     gam=self.gam.state_dict() if self.gam else None, last_epoch=self.epoch,
                     epoch=self.epoch, step_in_epoch=self.step_in_epoch, global_step=self.global_step,
@@ -183,6 +206,8 @@ class Trainer:
         self.student.detector.load_state_dict(state["model"])
         if self.student.dsi is not None and state.get("dsi"):
             self.student.dsi.load_state_dict(state["dsi"])
+        if self.student.codetr is not None and state.get("codetr"):
+            self.student.codetr.load_state_dict(state["codetr"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -208,6 +233,8 @@ class Trainer:
                 projected = self.student.dsi.project(outputs["aifi_feature"])
         outputs = _to_float(outputs)
         losses = self.criterion(outputs, targets)
+        if self.student.codetr is not None:
+            losses.update(self._codetr_losses(images, outputs))
         if projected is not None:
             losses["loss_distill"] = self._distill_weight() * self.student.dsi.alignment_loss(projected, teacher_map)
         return losses
@@ -222,6 +249,16 @@ class Trainer:
         if self.bad_steps >= self.cfg.max_bad_steps:
             raise FloatingPointError(f"{self.bad_steps} non-finite steps: stopping (raise --max-bad-steps or lower "
                                      "the learning rate; the last good checkpoint is last.pth)")
+
+    @torch.no_grad()
+    def _teacher_detections(self, images):
+        out = self.detector_teacher(images)
+        return out, [m.float() for m in self.teacher_tap.maps]
+
+    def _codetr_losses(self, images, outputs) -> dict:
+        t_out, t_maps = self._teacher_detections(images)
+        s_maps = [m.float() for m in self.student_tap.maps]
+        return self.student.codetr(outputs, _to_float(t_out), s_maps, t_maps)
 
     def train_step(self, images, targets, batch_info) -> dict | None:
         images = images.to(self.dist.device, non_blocking=True)

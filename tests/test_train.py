@@ -102,8 +102,9 @@ def test_two_gloo_ranks_share_one_lambda(tmp_path):
 
 
 def _trainer(tmp_path, **kw) -> Trainer:
-    cfg = TrainConfig(size="s", epochs=2, img_size=128, batch_size=2, workers=0, distill="none",
-                      out=str(tmp_path), max_steps_per_epoch=2, **kw)
+    kw = {"distill": "none", **kw}
+    cfg = TrainConfig(size="s", epochs=2, img_size=128, batch_size=2, workers=0, out=str(tmp_path),
+                      max_steps_per_epoch=2, **kw)
     return Trainer(cfg)
 
 
@@ -134,3 +135,19 @@ def test_resume_refuses_another_size_or_format(uninterrupted, tmp_path):
     torch.save({"model": {}}, weights_only)
     with pytest.raises(ValueError, match="--finetune"):
         load_train_state(weights_only, "s")
+
+
+def test_rt_co_detr_distills_from_a_detector_checkpoint(tmp_path):
+    from detector import build_detector
+    from detector.checkpoint import save_checkpoint
+
+    teacher_path = tmp_path / "teacher_m.pth"
+    save_checkpoint(build_detector("m", num_classes=6), teacher_path)
+    trainer = _trainer(tmp_path / "run", distill="codetr", teacher_checkpoint=str(teacher_path))
+    images, targets, batch = next(iter(trainer.data.train_loader(0)))
+    losses = trainer.train_step(images, targets, batch)
+    assert {"loss_kd_logit", "loss_kd_box", "loss_kd_feat"} <= set(losses)
+    assert all(math.isfinite(losses[k].item()) for k in ("loss_kd_logit", "loss_kd_box", "loss_kd_feat"))
+    grads = [p.grad for p in trainer.student.codetr.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert not any(p.requires_grad for p in trainer.detector_teacher.parameters())
