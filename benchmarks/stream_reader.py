@@ -16,6 +16,7 @@ import argparse
 import io
 import tempfile
 import time
+from itertools import islice
 import warnings
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--samples", type=int, default=900,
                     help="samples per measured epoch, decode only (drawn with replacement, as resampled shards)")
-    ap.add_argument("--aug-samples", type=int, default=64, help="samples per measured epoch (augmented)")
+    ap.add_argument("--aug-samples", type=int, default=96, help="samples per measured epoch (augmented)")
+    ap.add_argument("--repeats", type=int, default=2, help="loader runs per path, alternating; the best counts")
     ap.add_argument("--shard-size", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)  # as inside DataLoader workers
@@ -107,13 +109,12 @@ def main() -> None:
     policy = AugPolicy()
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(dataset, tmp, shard_size=args.shard_size, progress=False)
-        m = min(args.aug_samples, len(dataset))
+        m = min(args.aug_samples, len(dataset))  # single process: the same first m samples on both paths
         for epoch, name in ((policy.epochs[0], "phase 2 (mosaic)"), (policy.epochs[1], "phase 3")):
             mapped = AugmentedDataset(dataset, policy, seed=0)
-            stream = ShardStream(tmp, mode="train", rank=0, world_size=1, policy=policy, epoch=epoch,
-                                 samples_per_epoch=m)
+            stream = ShardStream(tmp, rank=0, world_size=1, policy=policy, epoch=epoch)  # in order
             for label, items in (("map-style", lambda: (mapped[(epoch, i)] for i in range(m))),
-                                 ("stream", lambda: iter(stream))):
+                                 ("stream", lambda: islice(stream, m))):
                 with DecodeTimer() as timer:
                     start = time.perf_counter()
                     for _ in items():
@@ -123,23 +124,25 @@ def main() -> None:
                       f"{timer.calls / m:.2f} decodes/sample, decode share {timer.seconds / total:.0%}")
 
         epoch = policy.epochs[0]
-        rates = {}
+        kw = dict(batch_size=8, num_workers=args.workers, collate_fn=keep)
         for aug in (True, False):
             k = m if aug else n
             mapped = AugmentedDataset(dataset, policy, seed=0) if aug else dataset
             if aug:
                 mapped.set_epoch(epoch)
-            stream = ShardStream(tmp, mode="train", policy=policy if aug else None, rank=0, world_size=1,
-                                 epoch=epoch, samples_per_epoch=k)
-            kw = dict(batch_size=8, num_workers=args.workers, collate_fn=keep)
             sampler = torch.utils.data.RandomSampler(range(len(dataset)), replacement=True, num_samples=k,
                                                      generator=torch.Generator().manual_seed(0))
-            rates[aug] = (samples_per_second(DataLoader(mapped, sampler=sampler, **kw), k),
-                          samples_per_second(DataLoader(stream, **kw), k))
-            label = "full augmentation (mosaic phase)" if aug else "decode only"
-            print(f"{label:>32}: map-style {rates[aug][0]:6.1f} samples/s, stream {rates[aug][1]:6.1f} "
-                  f"samples/s -> stream/map {rates[aug][1] / rates[aug][0]:.2f}x")
-
+            loaders = {"map-style": DataLoader(mapped, sampler=sampler, **kw)}
+            for buffer in (None, 0):  # default sample shuffle buffer, and none (raw tar-reading cost)
+                stream = ShardStream(tmp, mode="train", policy=policy if aug else None, rank=0, world_size=1,
+                                     epoch=epoch, samples_per_epoch=k, shuffle_buffer=buffer)
+                loaders[f"stream (buffer {stream.shuffle_buffer})"] = DataLoader(stream, **kw)
+            runs = [{name: samples_per_second(loader, k) for name, loader in loaders.items()}
+                    for _ in range(args.repeats)]
+            best = {name: max(r[name] for r in runs) for name in loaders}
+            print(f"{'full augmentation (mosaic phase)' if aug else 'decode only'}, {k} samples:")
+            for name, rate in best.items():
+                print(f"  {name:>20}: {rate:6.1f} samples/s -> {rate / best['map-style']:.2f}x map-style")
 
 if __name__ == "__main__":
     main()
