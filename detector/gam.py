@@ -11,7 +11,7 @@ reading of the paper's description ("adjusts the intensity of semantic transfer 
 norm ratios"); the paper's Eq. 11 text was not available to check it against.
 
 Fixed relative to the released code:
-  * works with and without DDP (a ``module.`` prefix is stripped before the name test);
+  * works with and without DDP (``module.`` / ``_orig_mod.`` prefixes are stripped first);
   * lambda is identical on every rank: the epoch statistic is all-reduced and the new lambda is
     broadcast from rank 0 (released: only rank 0 changes lambda);
   * ``state_dict()`` holds lambda, the running statistics and the history (released: lambda is lost
@@ -85,7 +85,10 @@ def released_update(p: float, lam: float, epoch: int, cfg: GAMConfig) -> tuple[f
 
 
 def _strip(name: str) -> str:
-    return name[len("module."):] if name.startswith("module.") else name
+    """Drop wrapper prefixes: DDP's ``module.`` and torch.compile's ``_orig_mod.``."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
 
 
 class GAM:

@@ -87,12 +87,15 @@ def _set_grads(m, bb=1.0, aifi=-0.5, proj=2.0):
     m.decoder.weight.grad = None
 
 
-@pytest.mark.parametrize("wrap", [False, True])
+@pytest.mark.parametrize("wrap", [0, 1, 2])
 def test_share_with_and_without_module_prefix(wrap):
     m = Tiny()
     _set_grads(m)
     gam = GAM(S)
-    share = gam.measure(Wrapped(m) if wrap else m)
+    model = m
+    for _ in range(wrap):
+        model = Wrapped(model)          # module.encoder..., module.module.encoder...
+    share = gam.measure(model)
     assert share.item() == pytest.approx(100 * 8 / (16 + 8 + 32))
 
 
