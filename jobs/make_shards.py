@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     if dataset.bad_samples:
         print(dataset.bad_samples.summary())
     manifest = write_shards(dataset, args.out, shard_size=args.shard_size)
-    print(json.dumps({k: manifest[k] for k in ("num_samples", "num_shards", "shard_size", "content_hash")}))
+    print(json.dumps({k: manifest[k] for k in ("num_samples", "num_shards", "shard_size", "dataset_hash")}))
     print(f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shards to {args.out}")
     return manifest
 

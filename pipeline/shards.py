@@ -5,7 +5,7 @@ Shard layout (one tar per ``shard_size`` consecutive dataset indices, written in
 the dataset's ``annotation(i)`` plus ``"index": i``. ``stem`` is the sample key with ``%`` and
 ``.`` escaped, because WebDataset splits member names at the first dot; the true key is in the
 json. ``manifest.json`` lists the shards with their sample counts, the class names, the
-label -> category id map and the dataset content hash; ``index.json`` holds every member's byte
+label -> category id map and the dataset content hash (``dataset_hash``); ``index.json`` holds every member's byte
 offset so that mosaic partners can be read by dataset index (local path or seekable fsspec URL).
 
 The reader (:class:`ShardStream`) yields exactly what the map-style pipeline yields for the same
@@ -75,7 +75,7 @@ def _manifest_header(dataset, shard_size: int) -> dict:
     return {
         "format": FORMAT,
         "source": str(getattr(dataset, "source", "")),
-        "content_hash": dataset.content_hash(),
+        "dataset_hash": dataset.content_hash(),
         "num_samples": len(dataset),
         "shard_size": shard_size,
         "class_names": list(dataset.class_names),
@@ -98,7 +98,7 @@ def write_shards(dataset, out_dir: str | Path, shard_size: int = 1000, progress:
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        for field in ("format", "content_hash", "num_samples", "shard_size"):
+        for field in ("format", "dataset_hash", "num_samples", "shard_size"):
             if old.get(field) != header[field]:
                 raise DatasetError(
                     f"{manifest_path}: existing shards have {field}={old.get(field)!r}, this run "
@@ -259,7 +259,9 @@ class ShardStream(IterableDataset):
         transform: ``(image, target) -> (image, target)`` applied when there is no augmentation.
         record_fn: ``(epoch, index, annotation) -> AugRecord`` replacing the default record
             ``sample_record(seed, epoch, index, ...)``, e.g. the cached teacher view of ``ViewPlan``.
-        join: ``key -> dict`` merged into each target after augmentation (e.g. cached teacher features).
+        join: ``(key, target) -> dict`` merged into each target after augmentation, in the worker
+            after the shuffle (e.g. cached teacher features; ``target["index"]`` and
+            ``target["record_epoch"]``, the epoch whose record was applied, identify the view).
         url_template: shard URL from its name, e.g. ``"pipe:aws s3 cp s3://b/p/{name} -"``
             (default: ``source/name``).
     """
@@ -268,7 +270,7 @@ class ShardStream(IterableDataset):
                  world_size: int | None = None, seed: int = 0, epoch: int = 0,
                  samples_per_epoch: int | None = None, shuffle_buffer: int | None = None,
                  shuffle_shards: bool = False, policy=None, transform: Callable | None = None,
-                 record_fn: Callable | None = None, join: Callable[[str], dict] | None = None,
+                 record_fn: Callable | None = None, join: Callable[[str, dict], dict] | None = None,
                  url_template: str | None = None):
         if mode not in ("exact", "train"):
             raise ValueError(f"mode must be 'exact' or 'train', got {mode!r}")
@@ -344,9 +346,9 @@ class ShardStream(IterableDataset):
             image, target = self._augment(image, target, annotation, epoch)
         elif self.transform is not None:
             image, target = self.transform(image, target)
-        target["index"] = annotation["index"]
+        target["index"], target["record_epoch"] = annotation["index"], epoch
         if self.join is not None:
-            target.update(self.join(annotation["key"]))
+            target.update(self.join(annotation["key"], target))
         return image, target
 
     def _augment(self, image, target, annotation, epoch):

@@ -44,7 +44,7 @@ def assert_same_sample(sample, dataset):
 def test_round_trip_is_exact_and_in_order(dataset, shards):
     manifest = json.loads((shards / "manifest.json").read_text())
     assert [s["count"] for s in manifest["shards"]] == [5, 5, 5, 5, 3]
-    assert manifest["content_hash"] == dataset.content_hash()
+    assert manifest["dataset_hash"] == dataset.content_hash()
     assert manifest["label_to_category_id"] == dataset.label_to_category_id
     samples = list(ShardStream(shards))
     assert [t["key"] for _, t in samples] == [dataset.key(i) for i in range(len(dataset))]
@@ -92,9 +92,9 @@ def test_train_mode_equal_length_deterministic_epochs(dataset, shards):
 
 def test_join_attaches_side_input_by_key(dataset, shards):
     features = {dataset.key(i): torch.full((2,), float(i)) for i in range(len(dataset))}
-    stream = ShardStream(shards, join=lambda key: {"teacher": features[key]})
+    stream = ShardStream(shards, epoch=3, join=lambda key, t: {"teacher": features[key] + t["record_epoch"]})
     for _, target in stream:
-        assert torch.equal(target["teacher"], torch.full((2,), float(target["index"])))
+        assert torch.equal(target["teacher"], torch.full((2,), float(target["index"] + 3)))
 
 
 def test_transform_and_remote_urls(dataset, shards):
