@@ -138,11 +138,17 @@ def main(argv=None) -> int:
     fingerprint["protocol"]["bf16_fidelity"] = fidelity
     out = args.out or f"cache/{args.vfm}_k{args.views}_{args.input_size}"
     grid = (args.input_size // 32, args.input_size // 32)
+    keys = [dataset.key(i) for i in range(len(dataset))]
     try:
-        store = Store.create(out, teacher=fingerprint, plan=plan, dataset_hash=dataset.content_hash(),
-                             keys=[dataset.key(i) for i in range(len(dataset))], grid=grid,
-                             dtype=args.dtype, shard_size=args.shard_size,
-                             extra={"policy": policy.to_dict(), "data": str(args.data), "split": args.split})
+        if args.verify is not None:  # never creates anything
+            store = Store.open(out)
+            store.check_compatible(teacher=fingerprint, input_size=plan.input_size, plan_hash=plan,
+                                   dataset_hash=dataset.content_hash())
+        else:
+            store = Store.create(out, teacher=fingerprint, plan=plan, dataset_hash=dataset.content_hash(),
+                                 keys=keys, grid=grid, dtype=args.dtype, shard_size=args.shard_size,
+                                 extra={"policy": policy.to_dict(), "data": str(args.data),
+                                        "split": args.split})
     except StoreError as e:
         fail(str(e))
     if args.verify is not None:
