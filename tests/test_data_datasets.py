@@ -142,13 +142,24 @@ def test_coco_missing_and_corrupt_images(coco_dir, capsys):
     assert "im2.jpg" in capsys.readouterr().out
 
 
-def test_coco_unknown_category_is_an_error(coco_dir):
+@pytest.mark.parametrize("field, value, needle", [
+    ("category_id", 99, "annotation id 1: category_id 99 is not in 'categories'"),
+    ("image_id", 12345, "annotation id 1: image_id 12345 is not in 'images'"),
+    ("bbox", [1, 2, 3], "annotation id 1: bbox [1, 2, 3] is not 4 finite numbers"),
+    ("bbox", [1, 2, 3, None], "annotation id 1: bbox [1, 2, 3, None] is not 4 finite numbers"),
+])
+def test_coco_bad_annotation_is_an_error_or_skipped(coco_dir, field, value, needle):
     path = coco_dir / "annotations" / "instances_val.json"
     data = json.loads(path.read_text())
-    data["annotations"][0]["category_id"] = 99
+    data["annotations"][0][field] = value
     path.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match="annotation id 1: category_id 99"):
+    with pytest.raises(DatasetError) as e:
         load_dataset(path)
+    assert needle in str(e.value)
+    ds = load_dataset(path, on_error="skip")
+    assert len(ds.bad_samples) == 1
+    # the image whose annotation is broken is left out (keeping it would silently lose a box)
+    assert ("im0" in [ds.key(i) for i in range(len(ds))]) == (field == "image_id")
 
 
 def _assert_same_boxes(a, b):
