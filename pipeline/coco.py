@@ -43,8 +43,8 @@ def find_coco_split(root: Path, split: str) -> tuple[Path, Path | None]:
     candidates = [p for pattern in patterns for p in sorted(root.glob(pattern))]
     if not candidates:
         raise DatasetError(f"{root}: no COCO annotation file for split {split!r} (looked for "
-                           f"annotations/instances_{split}*.json and no data.yaml). Fix: pass the COCO json path itself, "
-                           "or a YOLO directory with data.yaml.")
+                           f"annotations/instances_{split}*.json and no data.yaml). Fix: pass the COCO json path "
+                           "itself, or a YOLO directory with data.yaml.")
     ann = candidates[0]
     stem = re.sub(r"^instances_", "", ann.stem)
     for d in (root / stem, root / "images" / stem, root / split, root / "images" / split, root / "images"):

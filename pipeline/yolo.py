@@ -103,6 +103,9 @@ def load_yolo(path, split: str = "val", on_error: str = "raise") -> DetectionDat
         splits = [k for k in ("train", "val", "test") if k in data]
         raise DatasetError(f"{yaml_path}: no split {split!r} (it has {splits}). Fix: pass split= one of these or add "
                            f"`{split}: images/{split}` to the yaml.")
+    if not isinstance(data[split], str):
+        raise DatasetError(f"{yaml_path}: {split!r} is {data[split]!r}; only one image folder per split is supported. "
+                           f"Fix: point it to a single folder (e.g. images/{split}) or merge the folders.")
     base = Path(data.get("path") or ".")
     base = base if base.is_absolute() else (yaml_path.parent / base)
     image_dir = (base / data[split]).resolve()
