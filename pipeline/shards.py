@@ -14,7 +14,8 @@ sample: ``pipeline.datasets.decode`` on the same bytes (identical pixels), then 
 ``(seed, epoch, index)`` as ``AugmentedDataset`` does. Shard splitting follows the WebDataset DDP
 practice: split by node (``wds.split_by_node``, or explicit ``rank``/``world_size``), then by
 DataLoader worker; ``mode="train"`` resamples shards (``wds.ResampledShards``) and cuts
-equal-length epochs (``with_epoch``) so every rank yields the same number of samples;
+equal-length epochs (``with_epoch``'s count, taken before the sample shuffle) so every rank yields
+the same number of samples;
 ``mode="exact"`` is one pass over every sample exactly once (evaluation, tests).
 """
 from __future__ import annotations
@@ -283,7 +284,7 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.epoch = SharedEpoch(epoch)
         self.samples_per_epoch = samples_per_epoch
-        # the buffer holds encoded samples (~160 kB for COCO) and is dropped at each epoch end
+        # the buffer holds encoded samples (~160 kB each for COCO)
         self.shuffle_buffer = (256 if mode == "train" else 0) if shuffle_buffer is None else shuffle_buffer
         self.shuffle_shards = shuffle_shards
         self.policy, self.transform, self.record_fn, self.join = policy, transform, record_fn, join
@@ -367,12 +368,13 @@ class ShardStream(IterableDataset):
         rank, world, worker, workers = self._coordinates()
         stages = self._shard_source(epoch, rank, world, worker)
         stages += [_open_shards, tar_file_expander, group_by_keys]
+        if self.mode == "train":
+            # with_epoch, placed before the shuffle: the buffer drains at the epoch end instead of
+            # being dropped, so no encoded sample is read without being used
+            n = self.epoch_length(world)
+            stages.append(wds.slice(n // workers + (worker < n % workers)))
         if self.shuffle_buffer:
             rng = random.Random(wds.utils.make_seed(self.seed, epoch, rank, worker, 1))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 2), rng=rng))
         stages.append(wds.map(partial(self._sample, epoch=epoch)))
-        pipeline = wds.DataPipeline(*stages)
-        if self.mode == "train":
-            n = self.epoch_length(world)
-            pipeline = pipeline.with_epoch(n // workers + (worker < n % workers))
-        return iter(pipeline)
+        return iter(wds.DataPipeline(*stages))
