@@ -33,7 +33,7 @@ class ExportReport:
     path: Path
     size: int
     opset: int
-    max_abs_diff: dict  # onnxruntime vs torch deploy graph on the check input, per output
+    max_abs_diff: dict  # onnxruntime vs torch deploy graph on the check input (detection_differences)
 
 
 def export_onnx(model: nn.Module, postprocessor: nn.Module, path: str | Path, size: int = 640, opset: int = 17,
@@ -42,7 +42,8 @@ def export_onnx(model: nn.Module, postprocessor: nn.Module, path: str | Path, si
 
     The model is copied, so the caller's model is not converted. With `check`, the file is validated
     with onnx.checker and run in onnxruntime on a random batch (2 images when the batch is dynamic);
-    the report holds the max |onnxruntime - torch| per output (labels compared exactly).
+    the report holds the max |onnxruntime - torch| per output ("labels": detections without an equal
+    partner; see detection_differences).
     """
     if size % 32:
         raise ValueError(f"export size must be a multiple of 32, got {size}")
@@ -75,7 +76,25 @@ def check_onnx(net: nn.Module, path: Path, images: torch.Tensor, sizes: torch.Te
     got = sess.run(None, {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
     with torch.no_grad():
         want = net(images, sizes)
-    diffs = {}
-    for name, a, b in zip(("labels", "boxes", "scores"), got, want):
-        diffs[name] = float((torch.from_numpy(a).double() - b.double()).abs().max())
-    return diffs
+    return detection_differences([torch.from_numpy(g) for g in got], want)
+
+
+def detection_differences(got, want, tie_atol: float = 1e-5) -> dict:
+    """Max |got - want| of (labels, boxes, scores) from two top-k postprocessors, robust to ties.
+
+    Scores are sorted, so they are compared rank by rank. Two detections whose scores differ by less
+    than float rounding may come out in either order, so each detection of `got` is matched to the
+    detection of `want` with the same label and a score within `tie_atol` that has the closest box;
+    "labels" counts detections with no such partner.
+    """
+    (gl, gb, gs), (wl, wb, ws) = got, want
+    score_diff = float((gs.double() - ws.double()).abs().max())
+    unmatched, box_diff = 0, 0.0
+    for b in range(gl.shape[0]):
+        near = (gs[b, :, None].double() - ws[b, None, :].double()).abs() <= tie_atol + score_diff
+        near &= gl[b, :, None] == wl[b, None, :]
+        dist = (gb[b, :, None, :].double() - wb[b, None, :, :].double()).abs().amax(-1)
+        dist = torch.where(near, dist, torch.inf).amin(-1)
+        unmatched += int(torch.isinf(dist).sum())
+        box_diff = max(box_diff, float(dist[torch.isfinite(dist)].max()) if torch.isfinite(dist).any() else 0.0)
+    return {"labels": unmatched, "boxes": box_diff, "scores": score_diff}
