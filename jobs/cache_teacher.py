@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,13 @@ import torch
 from pipeline.augment import apply_record, plain_record, record_for
 from pipeline.datasets import DatasetError, load_dataset
 from pipeline.policy import AugPolicy
+from pipeline.recipe import RECIPES, get_recipe, scale_recipe
 from teacher_cache.precompute import TeacherSpec, precompute, verify
 from teacher_cache.store import Store, StoreError
 from teacher_cache.teachers import WeightsError, build_teacher, choose_precision, resolve_arch
 from teacher_cache.views import ViewPlan
 
 REPO = Path(__file__).resolve().parents[1]
-POLICY_EPOCHS = {"s": (4, 64, 120), "m": (4, 49, 90), "l": (4, 29, 50), "x": (4, 29, 50)}
 
 
 class Renderer:
@@ -76,9 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="train")
     p.add_argument("--out", help="store path or fsspec URL (default: cache/<vfm>_k<K>_<size>)")
     p.add_argument("--views", type=int, default=4, help="cached views per augmented phase (K)")
-    p.add_argument("--size", choices=sorted(POLICY_EPOCHS), default="l",
+    p.add_argument("--size", choices=sorted(RECIPES), default="l",
                    help="model size whose stop-epoch policy the views follow")
-    p.add_argument("--policy-epochs", type=int, nargs=3, metavar=("E0", "E1", "E2"))
+    p.add_argument("--epochs", type=int, help="the trainer's --epochs (a shortened recipe has other phases)")
+    p.add_argument("--policy-epochs", type=int, nargs=3, metavar=("E0", "E1", "E2"),
+                   help="override the phase boundaries (default: from --size/--epochs)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed shared with the trainer")
     p.add_argument("--input-size", type=int, default=640, help="detector input size (teacher sees /2)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
@@ -120,9 +123,12 @@ def main(argv=None) -> int:
         dataset = load_dataset(args.data, split=args.split)
     except (ValueError, DatasetError) as e:
         fail(str(e))
-    epochs = tuple(args.policy_epochs or POLICY_EPOCHS[args.size])
+    recipe = get_recipe(args.size)
+    if args.epochs is not None and args.epochs != recipe.epochs:
+        recipe = scale_recipe(recipe, args.epochs)   # the same phases as `jobs.train --epochs N`
+    epochs = tuple(args.policy_epochs or recipe.policy_epochs)
     plan = ViewPlan(seed=args.seed, k=args.views, epochs=epochs, input_size=(args.input_size,) * 2)
-    policy = AugPolicy(epochs=epochs, output_size=plan.input_size)
+    policy = replace(AugPolicy.from_recipe(recipe, output_size=args.input_size), epochs=epochs)
     renderer = Renderer(args.data, args.split, plan, policy)
     try:
         teacher = build_teacher(args.vfm, args.weights, **args.model_kwargs)

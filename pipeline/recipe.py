@@ -69,3 +69,16 @@ def get_recipe(size: str, **overrides) -> Recipe:
     if size not in RECIPES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(RECIPES)}")
     return replace(RECIPES[size], **overrides)
+
+
+def scale_recipe(recipe: Recipe, epochs: int) -> Recipe:
+    """The recipe compressed to ``epochs``: every epoch milestone (policy phases, mixup, flat,
+    no-aug, stop) scales by epochs / recipe.epochs, so a short run still visits every phase in
+    order; the 2000-iteration warm-up is left to the schedule, which caps it at 5% of the run."""
+    f = epochs / recipe.epochs
+    s = lambda e: min(epochs, round(e * f))  # noqa: E731
+    e0, e1, e2 = (s(e) for e in recipe.policy_epochs)
+    stop = s(recipe.stop_epoch)
+    return replace(recipe, epochs=epochs, policy_epochs=(e0, e1, e2), mixup_epochs=(e0, e1),
+                   flat_epoch=s(recipe.flat_epoch), no_aug_epoch=epochs - stop, stop_epoch=stop,
+                   gam=replace(recipe.gam, stop_epoch=stop))

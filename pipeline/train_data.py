@@ -11,6 +11,7 @@ the online teacher, batched on the device.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -185,13 +186,19 @@ def _build_online_teacher(cfg, store: Store | None, device: torch.device) -> Tea
     return teacher
 
 
-def _open_store(cfg, recipe, dataset_hash: str | None) -> Store:
+def _open_store(cfg, recipe, policy: AugPolicy, dataset_hash: str | None) -> Store:
+    """The store, refused by name when it was made for another teacher, resolution, dataset or
+    augmentation plan than this run's."""
     store = Store.open(cfg.cache)
     store.check_compatible(teacher=cfg.vfm, input_size=cfg.img_size, dataset_hash=dataset_hash)
+    fix = f"re-run jobs.cache_teacher with this run's --size {cfg.size} --epochs {recipe.epochs} --input-size {cfg.img_size}"
     if tuple(store.plan.epochs) != tuple(recipe.policy_epochs):
         raise ValueError(f"--cache {cfg.cache} was planned for augmentation phases {tuple(store.plan.epochs)} "
-                         f"but this run's recipe uses {tuple(recipe.policy_epochs)} (--epochs "
-                         f"{recipe.epochs}); re-run jobs.cache_teacher with the same --size/--epochs")
+                         f"but this run's recipe uses {tuple(recipe.policy_epochs)}: {fix}")
+    stored = store.manifest.get("policy")
+    if stored is not None and json.loads(json.dumps(stored)) != json.loads(json.dumps(policy.to_dict())):
+        diff = sorted(k for k in stored if stored[k] != json.loads(json.dumps(policy.to_dict())).get(k))
+        raise ValueError(f"--cache {cfg.cache} was rendered with another augmentation policy ({', '.join(diff)}): {fix}")
     return store
 
 
@@ -205,7 +212,7 @@ def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
     if streaming:
         index = ShardIndex(cfg.data)
         if cfg.cache and cfg.distill == "dsi":
-            store = _open_store(cfg, recipe, index.manifest["dataset_hash"])
+            store = _open_store(cfg, recipe, policy, index.manifest["dataset_hash"])
             views = PlannedViews(store.plan, store, policy, size, len(index))
             record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])[1]  # noqa: E731
             join = lambda key, t: {"teacher": views.grid(key, t["record_epoch"], t["index"])}  # noqa: E731
@@ -219,7 +226,7 @@ def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
         dataset = load_dataset(cfg.data, split="train")
         sampler = ResumableSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed, batch_size=batch_size)
         if cfg.cache and cfg.distill == "dsi":
-            store = _open_store(cfg, recipe, dataset.content_hash())
+            store = _open_store(cfg, recipe, policy, dataset.content_hash())
             train_items = CachedViewDataset(dataset, PlannedViews(store.plan, store, policy, size, len(dataset)))
         else:
             train_items = AugmentedDataset(dataset, policy, seed=cfg.seed)

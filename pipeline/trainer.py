@@ -34,7 +34,7 @@ from pipeline.distributed import DistInfo, all_gather_floats, all_true, barrier,
 from pipeline.ema import ModelEMA
 from pipeline.evaluate import CocoEvaluator, format_table
 from pipeline.optim import FlatCosineSchedule, build_optimizer
-from pipeline.recipe import Recipe, get_recipe
+from pipeline.recipe import Recipe, get_recipe, scale_recipe
 from pipeline.train_data import TrainData, build_train_data
 from pipeline.train_state import FORMAT, atomic_save, load_train_state, rng_state, set_rng_state
 
@@ -90,19 +90,6 @@ class Student(nn.Module):
 
     def forward(self, images, targets=None):
         return self.detector(images, targets)
-
-
-def scale_recipe(recipe: Recipe, epochs: int) -> Recipe:
-    """The recipe compressed to ``epochs``: every epoch milestone (policy phases, mixup, flat,
-    no-aug, stop) scales by epochs / recipe.epochs, so a short run still visits every phase in
-    order; the 2000-iteration warm-up is left to the schedule, which caps it at 5% of the run."""
-    f = epochs / recipe.epochs
-    s = lambda e: min(epochs, round(e * f))  # noqa: E731
-    e0, e1, e2 = (s(e) for e in recipe.policy_epochs)
-    stop = s(recipe.stop_epoch)
-    return replace(recipe, epochs=epochs, policy_epochs=(e0, e1, e2), mixup_epochs=(e0, e1),
-                   flat_epoch=s(recipe.flat_epoch), no_aug_epoch=epochs - stop, stop_epoch=stop,
-                   gam=replace(recipe.gam, stop_epoch=stop))
 
 
 def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
