@@ -3,7 +3,8 @@
     python -m jobs.evaluate --checkpoint model.pth --data /data/coco --split val2017 --size l --out runs/eval
     torchrun --nproc_per_node 8 -m jobs.evaluate --checkpoint model.pth --data /data/coco --split val2017
 
-Images go through the official val transform (Resize 640x640, /255); detections (top-300, no NMS)
+Images go through the official val transform (Resize 640x640, /255: ``AugmentedDataset(policy=None)``,
+the view the trainer evaluates on); detections (top-300, no NMS)
 are scored against the dataset's ground truth in original-image pixels (for a COCO source, the
 original annotation file, crowd boxes included). Prints the COCO table and writes metrics.json.
 """
@@ -15,28 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from pipeline.augment import AugmentedDataset
 from pipeline.datasets import load_dataset
 from pipeline.distributed import init_distributed
 from pipeline.evaluate import BACKENDS, CocoEvaluator, evaluate_detector, format_table
-
-
-class ValDataset(torch.utils.data.Dataset):
-    """Official val transform: Resize(size x size) then uint8 -> float in [0, 1] (no normalisation)."""
-
-    def __init__(self, dataset, size: int = 640, limit: int | None = None):
-        self.dataset = dataset
-        self.transform = v2.Compose([v2.Resize((size, size)), v2.ToDtype(torch.float32, scale=True)])
-        self.length = len(dataset) if limit is None else min(limit, len(dataset))
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int):
-        image, target = self.dataset[i]
-        return self.transform(image), {"image_id": target["image_id"], "orig_size": target["orig_size"]}
 
 
 def collate(batch):
@@ -50,7 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", default=None, help="YOLO dir / data.yaml, COCO json or dir; omitted: generated default")
     ap.add_argument("--split", default="val")
     ap.add_argument("--size", default="s", choices=("s", "m", "l", "x"), help="model size (default: s)")
-    ap.add_argument("--num-classes", type=int, default=None, help="default: the dataset's class count")
     ap.add_argument("--image-size", type=int, default=640)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
@@ -69,10 +53,7 @@ def main(argv=None) -> dict[str, float]:
 
     info = init_distributed(args.device)
     dataset = load_dataset(args.data, split=args.split)
-    num_classes = args.num_classes or dataset.num_classes
-    if num_classes != dataset.num_classes:
-        raise ValueError(f"--num-classes {num_classes} but {dataset!r} has {dataset.num_classes} classes: "
-                         "evaluate on data with the checkpoint's label set")
+    num_classes = dataset.num_classes
     model = build_detector(args.size, num_classes=num_classes)
     report = load_checkpoint(model, args.checkpoint)
     if report.reinitialised:
@@ -81,7 +62,9 @@ def main(argv=None) -> dict[str, float]:
                          "the data set the checkpoint was trained for.")
     model.to(info.device)
 
-    val = ValDataset(dataset, args.image_size, args.limit)
+    val = AugmentedDataset(dataset, policy=None, size=args.image_size)  # the trainer's val view
+    if args.limit:
+        val = Subset(val, range(min(args.limit, len(val))))
     sampler = DistributedSampler(val, shuffle=False) if info.enabled else None
     loader = DataLoader(val, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate)
