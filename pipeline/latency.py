@@ -78,6 +78,26 @@ def measure(fn: Callable[[], object], n_warmup: int = 10, n_iters: int = 50, bat
     return LatencyStats.from_samples(samples, n_warmup, batch, timer)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], n_warmup: int = 3, n_iters: int = 20,
+                        batch: int = 1, progress: bool = False) -> dict[str, LatencyStats]:
+    """CPU timing of several backends round-robin (call 1 of each, then call 2 of each, ...), so a
+    change in machine load hits all of them alike and their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(n_warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    iters = range(n_iters)
+    if progress:
+        from tqdm import tqdm
+        iters = tqdm(iters, desc="timing (round-robin)", unit="round", leave=False, disable=None)
+    for _ in iters:
+        for k, fn in fns.items():
+            t0 = time.perf_counter_ns()
+            fn()
+            samples[k].append((time.perf_counter_ns() - t0) / 1e6)
+    return {k: LatencyStats.from_samples(v, n_warmup, batch, "perf_counter, round-robin") for k, v in samples.items()}
+
+
 def cpu_name() -> str:
     """CPU model from /proc/cpuinfo (falls back to platform.processor())."""
     try:

@@ -14,7 +14,7 @@ from torch import nn
 from pipeline import deploy_onnx, report
 from pipeline.deploy_backends import OnnxRuntimeBackend, TorchBackend
 from pipeline.deploy_divergence import compare_detections
-from pipeline.latency import LatencyStats, device_info, measure
+from pipeline.latency import LatencyStats, busy_warning, device_info, measure, measure_interleaved
 
 
 class TinyDeployNet(nn.Module):
@@ -129,3 +129,17 @@ def test_latency_stats():
     assert np.isclose(s.p90_ms, np.percentile([1, 2, 3, 4, 10], 90))
     with pytest.raises(ValueError):
         LatencyStats.from_samples([], 0, 1, "t")
+
+
+def test_interleaved_timing_calls_each_backend_in_turn():
+    calls = []
+    stats = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, n_warmup=1, n_iters=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then round-robin
+    assert stats["a"].n_iters == 3 and stats["b"].timer == "perf_counter, round-robin"
+
+
+def test_device_info_and_busy_warning():
+    info = device_info(cuda=False)
+    assert info["cpu"] and info["name"] == info["cpu"] and info["is_t4"] is False
+    assert "CPU busy" in busy_warning({"load_avg_1m": 9.0, "cpu_threads_available": 2})
+    assert busy_warning({"load_avg_1m": 0.5, "cpu_threads_available": 2}) is None
