@@ -138,8 +138,7 @@ def write_shards(dataset, out_dir: str | Path, shard_size: int = 1000, progress:
 
 # ----------------------------------------------------------------------------------- locations
 def _is_local(url: str) -> bool:
-    scheme = urlparse(url).scheme
-    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+    return urlparse(url).scheme in ("", "file")
 
 
 def join_url(base: str, name: str) -> str:
@@ -175,8 +174,9 @@ def load_manifest(source: str | Path) -> dict:
 class ShardIndex:
     """Random access by dataset index into the shards (byte offsets from ``index.json``).
 
-    Used for mosaic partners, which the augmentation record names by dataset index. Needs
-    seekable shard locations (local paths or fsspec URLs), not ``pipe:`` commands.
+    Used for mosaic partners, which the augmentation record names by dataset index. Reads the
+    shards at ``source`` (a path or a seekable fsspec URL) even when the stream itself uses a
+    ``pipe:`` ``url_template``.
     """
 
     def __init__(self, source: str | Path, manifest: dict | None = None):
@@ -194,9 +194,6 @@ class ShardIndex:
     def _read(self, url: str, offset: int, size: int) -> bytes:
         f = self._files.get(url)
         if f is None:
-            if url.startswith("pipe:"):
-                raise DatasetError(f"{url}: mosaic partners need random access. Fix: give shards as paths "
-                                   "or fsspec URLs (s3://, gs://, https://), not pipe: commands.")
             plain_path = urlparse(url).scheme == ""
             f = self._files[url] = open(url, "rb") if plain_path else fsspec.open(url, "rb").open()
         f.seek(offset)
