@@ -74,6 +74,7 @@ def store_policy(store):
     return AugPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
 
 
+@pytest.mark.slow  # starts a local Ray cluster (~1 min on 2 cores)
 def test_ray_run_equals_local_run_and_verifies(reference, taco6, tmp_path, capsys):
     import ray
     out = tmp_path / "store"
@@ -90,6 +91,7 @@ def test_ray_run_equals_local_run_and_verifies(reference, taco6, tmp_path, capsy
     assert result["problems"] == [] and result["online_cosine_min"] >= 0.999
 
 
+@pytest.mark.slow  # a real subprocess killed with SIGKILL
 def test_killed_run_resumes_without_lost_or_duplicated_views(reference, taco6, tmp_path, capsys):
     out = tmp_path / "store"
     cmd = [sys.executable, "-m", "jobs.cache_teacher", *TINY, "--data", str(taco6), "--out", str(out),
