@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .quantize import decode, encode
+from .quantize import encode
 from .store import Store
 from .teachers import build_teacher
 

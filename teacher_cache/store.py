@@ -268,7 +268,8 @@ class Store:
         if tuple(tokens.shape) != want:
             raise ValueError(f"shard {shard}: tokens shape {tuple(tokens.shape)} != {want}")
         if (scale is None) != (self.scale is None):
-            raise ValueError(f"shard {shard}: an {self.dtype} store needs scale={'an array' if self.scale is not None else 'None'}")
+            need = "per-token scales" if self.scale is not None else "scale=None"
+            raise ValueError(f"shard {shard}: an {self.dtype} store needs {need}")
         self.fs.rm_file(self._marker(shard)) if self.fs.exists(self._marker(shard)) else None
         self._done.discard(shard)
         self._indexes = {k: v for k, v in self._indexes.items() if k[1] != shard}
