@@ -88,12 +88,20 @@ def test_killed_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
     assert _losses(out) == _losses(uninterrupted)
 
 
-def test_two_gloo_ranks_share_one_lambda(tmp_path):
+def test_two_gloo_ranks_train_from_a_cache_with_one_lambda(tmp_path):
+    store = tmp_path / "store"
+    cache = subprocess.run([sys.executable, "-m", "jobs.cache_teacher", "--vfm", "dinov3_vits", "--out", str(store),
+                            "--size", "s", "--epochs", "2", "--input-size", "128", "--views", "1", "--shard-size",
+                            "128", "--max-shards", "1", "--no-ray", "--quiet"],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert cache.returncode == 0, cache.stderr[-3000:]
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "jobs.train", *TINY, "--out", str(out)]
+           "-m", "jobs.train", *TINY, "--out", str(out), "--cache", str(store)]
     run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["cache_hit_rate"] for r in rows) > 0                  # half the store is there
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     for e in evals:
         ranks = e["gam"]["lambda_per_rank"]
