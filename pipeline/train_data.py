@@ -108,8 +108,9 @@ class TrainData:
     label_to_category_id = property(lambda self: self.val_dataset.label_to_category_id)
 
     @property
-    def val_coco(self) -> dict:
-        return self.val_dataset.to_coco()
+    def val_coco(self):
+        """The original ground truth (crowd boxes included, as the official evaluation scores it)."""
+        return self.val_dataset.coco
 
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, data, batch_size: int, sampler=None, collate_fn=None):
@@ -126,9 +127,12 @@ class TrainData:
         self.sampler.set_epoch(epoch, start_batch)
         return self._loader(self.train_items, self.batch_size, sampler=self.sampler, collate_fn=self.collate)
 
-    def val_loader(self):
+    def val_loader(self, rank: int = 0, world_size: int = 1):
+        """This rank's share of the validation set (the evaluator gathers and de-duplicates)."""
         items = AugmentedDataset(self.val_dataset, policy=None, size=self.cfg.img_size)
-        return self._loader(items, self.batch_size, collate_fn=_val_collate)
+        sampler = ResumableSampler(len(items), rank, world_size, shuffle=False, drop_last=False)
+        return DataLoader(items, batch_size=self.batch_size, sampler=sampler, num_workers=self.cfg.workers,
+                          collate_fn=_val_collate, pin_memory=self.device.type == "cuda")
 
     # -- teacher targets ---------------------------------------------------------------------
     def online_teacher(self) -> Teacher:

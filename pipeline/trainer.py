@@ -313,7 +313,7 @@ class Trainer:
     def evaluate(self) -> dict:
         model = self.ema.module.eval()
         evaluator = CocoEvaluator(self.data.val_coco, self.data.label_to_category_id)
-        for i, (images, targets) in enumerate(self.data.val_loader()):
+        for i, (images, targets) in enumerate(self.data.val_loader(self.dist.rank, self.dist.world_size)):
             if self.cfg.eval_max_images and i * images.shape[0] >= self.cfg.eval_max_images:
                 break
             images = images.to(self.dist.device)
@@ -351,6 +351,7 @@ class Trainer:
             self.save(f"best_stg{stage}.pth")
             self.save("best.pth")
         self.save("last.pth")
+        barrier()   # every rank may read best_stg1.pth at the stage switch
 
     def _stage_switch(self) -> None:
         """At stop_epoch: continue from the best stage-1 weights with the restart EMA decay
