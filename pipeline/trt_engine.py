@@ -141,7 +141,8 @@ def _pin_fp32(trt, network, patterns) -> int:
         if any(p in layer.name for p in patterns):
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
+                if layer.get_output(j).dtype in (trt.float32, trt.float16):  # not TopK indices etc.
+                    layer.set_output_type(j, trt.float32)
             n += 1
     if n == 0:
         raise ValueError(f"no TensorRT layer name contains any of {list(patterns)}")
