@@ -224,7 +224,7 @@ class Trainer:
             losses.update(self._codetr_losses(images, outputs))
         if projected is not None:
             losses["loss_distill"] = self._distill_weight() * self.student.dsi.alignment_loss(projected, teacher_map)
-        return losses
+        return losses, outputs
 
     def _skip_step(self) -> None:
         self.bad_steps += 1
@@ -251,8 +251,13 @@ class Trainer:
         images = images.to(self.dist.device, non_blocking=True)
         targets = [{k: (v.to(self.dist.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         teacher_map = self.data.teacher_targets(images, targets, batch_info) if self.student.dsi is not None else None
-        losses = self._losses(images, targets, teacher_map)
+        losses, outputs = self._losses(images, targets, teacher_map)
         loss = sum(losses.values())
+        embed = getattr(self.student.detector.decoder, "denoising_class_embed", None)
+        if "dn_meta" not in outputs and embed is not None and self.dist.enabled:
+            # no boxes on this rank, so no denoising queries: keep the embedding in the graph with a
+            # zero gradient, or DDP (find_unused_parameters=False, as official) waits for it forever
+            loss = loss + 0.0 * embed.weight.sum()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
