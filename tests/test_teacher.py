@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from teacher_cache.teachers import WeightsError, build_teacher, choose_precision, resolve_arch
 
-OFFICIAL_KEYS = Path(__file__).with_name("test_teacher_dinov3_vits16_official_keys.json")
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "dinov3_vits16_meta_keys.json"
 
 
 @pytest.fixture(scope="module")
