@@ -99,13 +99,6 @@ class ViewPlan:
         return {"kind": "sample", "seed": self.seed + round_ * _SEED_STRIDE, "epoch": epoch,
                 "phase": phase}
 
-    def view_name(self, view_id: int) -> str:
-        args = self.record_args(view_id)
-        if args["kind"] == "plain":
-            return "plain+flip" if args["flip"] else "plain"
-        return f"phase{args['phase']}/epoch{args['epoch']}" + (
-            f"/seed{args['seed']}" if args["seed"] != self.seed else "")
-
     # --- identity ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": PLAN_VERSION, **asdict(self)}
