@@ -65,7 +65,8 @@ class Store:
         self.url, self.manifest, self.keys = url, manifest, keys
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self._index = {k: i for i, k in enumerate(keys)}
-        group = zarr.open_group(store=self._zarr_store(read_only=mode == "r"), mode="r" if mode == "r" else "r+")
+        group = zarr.open_group(store=_zarr_store(url, self.fs, self.root, read_only=mode == "r"),
+                                mode="r" if mode == "r" else "r+")
         self.tokens = group["tokens"]
         self.scale = group["scale"] if self.dtype == "int8" else None
         self.refresh()
@@ -93,11 +94,6 @@ class Store:
     # --- paths ----------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
-
-    def _zarr_store(self, read_only: bool):
-        if isinstance(self.fs, LocalFileSystem):
-            return zarr.storage.LocalStore(self.root, read_only=read_only)
-        return zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)
 
     def _marker(self, shard: int) -> str:
         return self._path("done", f"{shard:06d}.json")
@@ -145,9 +141,7 @@ class Store:
     @staticmethod
     def _create_arrays(url, fs, root, n, v, grid, dim, dtype, shard_size):
         t = grid[0] * grid[1]
-        store = (zarr.storage.LocalStore(root) if isinstance(fs, LocalFileSystem)
-                 else zarr.storage.FsspecStore.from_url(url))
-        group = zarr.open_group(store=store, mode="w")
+        group = zarr.open_group(store=_zarr_store(url, fs, root), mode="w")
 
         def array(name, shape, np_dtype):
             inner = (1, 1, *shape[2:])
@@ -374,6 +368,12 @@ class Store:
             if grid is not None:
                 out[row], present[row] = grid, True
         return out, present
+
+
+def _zarr_store(url: str, fs, root: str, read_only: bool = False):
+    if isinstance(fs, LocalFileSystem):
+        return zarr.storage.LocalStore(root, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
 
 
 def _read_json(fs, path: str):
