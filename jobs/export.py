@@ -55,14 +55,31 @@ def build_deploy_graph(size: str, checkpoint: str | None = None, num_classes: in
     return Built(graph, size, num_classes, checkpoint or "random weights")
 
 
+def _checkpoint_state(path: str) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        return {}
+    state = (ckpt.get("ema") or {}).get("module") or ckpt.get("model") or ckpt
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def _checkpoint_num_classes(path: str) -> int:
     """Number of classes from the encoder score head of a checkpoint (EMA or model state)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("ema", {}).get("module") or ckpt.get("model") or ckpt if isinstance(ckpt, dict) else {}
-    for k, v in state.items():
-        if k.removeprefix("module.") == "decoder.enc_score_head.weight":
-            return int(v.shape[0])
-    raise ValueError(f"{path}: no decoder.enc_score_head.weight to read the class count from; pass --num-classes")
+    head = _checkpoint_state(path).get("decoder.enc_score_head.weight")
+    if head is None:
+        raise ValueError(f"{path}: no decoder.enc_score_head.weight to read the class count from; pass --num-classes")
+    return int(head.shape[0])
+
+
+def checkpoint_size(path: str) -> str:
+    """Detector size (s/m/l/x) of a checkpoint, from its tensor shapes."""
+    from detector.checkpoint import detect_size
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    size = detect_size(_checkpoint_state(path))
+    if size is None:
+        raise ValueError(f"{path}: cannot tell the RT-DETRv4 size from its weights; pass --size")
+    return size
 
 
 def export_onnx_checked(built: Built, path: str | Path, image_size: int = 640, opset: int = 17,
@@ -107,7 +124,7 @@ def maybe_build_engine(onnx_path: str | Path, image_size: int, fp16: bool, max_b
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["s", "m", "l", "x"], required=True)
+    p.add_argument("--size", choices=["s", "m", "l", "x"], help="default: detected from --checkpoint")
     p.add_argument("--checkpoint", help="training checkpoint (EMA weights used when present); random weights if omitted")
     p.add_argument("--num-classes", type=int, help="default: read from the checkpoint, else 80")
     p.add_argument("--out", default="export", help="output folder")
@@ -121,6 +138,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no-tf32", action="store_true", help="disable TF32 in the engine (D-FINE #44 fix)")
     args = p.parse_args(argv)
 
+    if args.size is None:
+        if args.checkpoint is None:
+            p.error("give --size (random weights) or --checkpoint")
+        args.size = checkpoint_size(args.checkpoint)
     built = build_deploy_graph(args.size, args.checkpoint, args.num_classes)
     out = Path(args.out)
     info = export_onnx_checked(built, out / f"rtdetrv4_{args.size}.onnx", args.image_size, args.opset)

@@ -37,10 +37,11 @@ def load_backend(args):
             raise SystemExit(f"ONNX file {args.onnx} not found (python -m jobs.export writes one)")
         return OnnxRuntimeBackend(args.onnx, threads=args.threads,
                                   device="cuda" if args.device.startswith("cuda") else "cpu")
-    if not args.size:
-        raise SystemExit("--size is needed with --checkpoint (or random weights)")
-    from jobs.export import build_deploy_graph
-    built = build_deploy_graph(args.size, args.checkpoint, args.num_classes)
+    from jobs.export import build_deploy_graph, checkpoint_size
+    if not args.size and not args.checkpoint:
+        raise SystemExit("give --checkpoint, --onnx or --engine (or --size for random weights)")
+    size = args.size or checkpoint_size(args.checkpoint)
+    built = build_deploy_graph(size, args.checkpoint, args.num_classes)
     return TorchBackend(built.graph, args.device, args.precision)
 
 
@@ -111,7 +112,7 @@ def predict_video(backend, path: Path, out: Path, args, names) -> list[dict]:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="an image, a folder of images, or a video")
-    p.add_argument("--size", choices=["s", "m", "l", "x"], help="detector size (with --checkpoint)")
+    p.add_argument("--size", choices=["s", "m", "l", "x"], help="detector size (default: detected from --checkpoint)")
     p.add_argument("--checkpoint")
     p.add_argument("--onnx")
     p.add_argument("--engine")

@@ -39,7 +39,7 @@ def test_export_job_with_a_dsi_checkpoint(tmp_path, capsys):
     ckpt = save_checkpoint(model, tmp_path / "s.pth", dsi=DSI(DSIConfig(student_dim=model.cfg.hidden_dim)))
     assert "encoder.feature_projector.0.weight" in torch.load(ckpt, weights_only=False)["model"]
 
-    info = main(["--size", "s", "--checkpoint", str(ckpt), "--image-size", "320", "--out", str(tmp_path), "--engine"])
+    info = main(["--checkpoint", str(ckpt), "--image-size", "320", "--out", str(tmp_path), "--engine"])  # size detected
     out = capsys.readouterr().out
     assert (tmp_path / "rtdetrv4_s.onnx").is_file() and (tmp_path / "rtdetrv4_s.json").is_file()
     assert "60 classes" in out and "-> OK" in out and "training-only parts in the deploy graph: none" in out
@@ -53,6 +53,17 @@ def test_export_job_with_a_dsi_checkpoint(tmp_path, capsys):
         want = model.eval().deploy()(images)["pred_logits"].sigmoid().flatten(1).topk(300).values
     got = OnnxRuntimeBackend(info["onnx"]).detections(images, sizes)[2]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    # jobs.predict runs the same checkpoint (size detected) and draws on an image of another size
+    from torchvision.io import write_png
+    from jobs.predict import main as predict
+    write_png((torch.rand(3, 240, 400) * 255).to(torch.uint8), str(tmp_path / "in.png"))
+    records = predict(["--checkpoint", str(ckpt), "--input", str(tmp_path / "in.png"), "--image-size", "320",
+                       "--score-thr", "0", "--out", str(tmp_path / "pred")])
+    dets = records[0]["detections"]
+    assert len(dets) == 300 and (tmp_path / "pred" / "in.png").is_file()
+    assert all(0 <= d["label"] < 60 for d in dets)
+    assert max(d["box_xyxy"][2] for d in dets) > 320  # scaled to the 400x240 original, not the 320 input
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
