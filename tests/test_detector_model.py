@@ -87,3 +87,14 @@ def test_config_overrides_and_errors():
         build_detector("xl")
     with pytest.raises(TypeError, match="unknown DetectorConfig field"):
         build_detector("s", hiden_dim=3)
+
+
+def test_pretrained_backbone_from_local_path(tmp_path):
+    torch.manual_seed(3)
+    donor = build_detector("s").backbone
+    state = {**donor.state_dict(), "head.fc.weight": torch.zeros(1)}  # a classifier head is ignored
+    torch.save(state, tmp_path / "PPHGNetV2_B0_stage1.pth")
+    model = build_detector("s", pretrained_backbone=str(tmp_path / "PPHGNetV2_B0_stage1.pth"))
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in donor.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="PPHGNetV2"):
+        build_detector("s", pretrained_backbone=str(tmp_path / "missing.pth"))
