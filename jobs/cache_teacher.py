@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.augment import apply_record, plain_record, record_for
+from pipeline.augment import apply_record, view_record
 from pipeline.datasets import DatasetError, load_dataset
 from pipeline.policy import AugPolicy
 from pipeline.recipe import RECIPES, get_recipe, scale_recipe
@@ -51,10 +51,9 @@ class Renderer:
         return self._dataset
 
     def record(self, index: int, view: int):
-        args = self.plan.record_args(view)
-        if args["kind"] == "plain":
-            return plain_record(index, args["flip"], self.plan.input_size)
-        return record_for(self.dataset, self.policy, args["seed"], args["epoch"], index)
+        a = self.dataset.annotation(index)
+        return view_record(self.plan.record_args(view), index, self.policy, len(self.dataset),
+                           (a["width"], a["height"]), a["boxes"], self.plan.input_size)
 
     def __call__(self, index: int, view: int) -> np.ndarray:
         if self._last[0] != index:

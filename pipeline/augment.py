@@ -159,6 +159,15 @@ def plain_record(index: int, flip: bool, size=640) -> AugRecord:
     return AugRecord(index=index, size=size, flip=bool(flip))
 
 
+def view_record(view_args: dict, index: int, policy: AugPolicy, dataset_len: int, image_size: tuple[int, int],
+                boxes, size=640) -> AugRecord:
+    """The record of a cached teacher view, from ``ViewPlan.record_args(view)``: the one mapping the
+    cache job and the trainer must share for a cached view to be replayed bit-for-bit."""
+    if view_args["kind"] == "plain":
+        return plain_record(index, view_args["flip"], size)
+    return sample_record(view_args["seed"], view_args["epoch"], index, policy, dataset_len, image_size, boxes)
+
+
 def _photometric(image: torch.Tensor, p: dict) -> torch.Tensor:
     """RandomPhotometricDistort.transform with recorded factors, on a PIL image as in the official
     pipeline (its ops run on PIL): PIL's integer kernels are exact, fast, and thread-count independent."""
