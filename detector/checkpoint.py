@@ -190,3 +190,32 @@ def detector_from_checkpoint(path: str | Path) -> torch.nn.Module:
     model = build_detector(size, num_classes=state["decoder.enc_score_head.weight"].shape[0])
     load_checkpoint(model, path)
     return model
+
+
+def detector_from_checkpoint(path: str | Path, dsi: Optional[torch.nn.Module] = None, **overrides):
+    """Build the RT-DETRv4 a checkpoint holds and load it (e.g. an RT-CO-DETR teacher).
+
+    Files from save_checkpoint carry their DetectorConfig; for any other layout the size comes from
+    the tensor shapes, the class count from `decoder.enc_score_head` and the decoder depth from
+    `decoder.decoder.layers.*`. `overrides` are DetectorConfig fields applied on top.
+    """
+    from .model import RTDETRv4, build_detector
+
+    path = str(path)
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT and isinstance(obj.get("config"), Mapping):
+        fields_ = {k: tuple(v) if isinstance(v, list) else v for k, v in obj["config"].items()}
+        model = RTDETRv4(DetectorConfig(**{**fields_, **overrides}))
+    else:
+        state = _strip_module(_extract_state(obj, path)[0])
+        size = detect_size(state)
+        if size is None:
+            raise ValueError(f"{path}: cannot tell the RT-DETRv4 size from its weights (no HGNetv2 stem / encoder "
+                             "input_proj of a known size)")
+        layers = {int(k.split(".")[3]) for k in state if k.startswith("decoder.decoder.layers.")}
+        inferred = {"num_classes": int(state["decoder.enc_score_head.weight"].shape[0])}
+        if layers:
+            inferred["num_decoder_layers"] = max(layers) + 1
+        model = build_detector(size, **{**inferred, **overrides})
+    load_checkpoint(model, path, dsi=dsi)
+    return model

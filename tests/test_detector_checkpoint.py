@@ -116,3 +116,14 @@ def test_unknown_format_and_bad_keys(source, tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \[encoder.lateral_convs.0.conv.weight\].*"
                                          r"unexpected keys \[decoder.extra.weight\]"):
         load_checkpoint(build_detector("s"), tmp_path / "broken.pth")
+
+
+def test_detector_from_checkpoint(source, tmp_path):
+    from detector.checkpoint import detector_from_checkpoint
+    torch.save({"ema": {"module": _official_state(source), "updates": 1}}, tmp_path / "official.pth")
+    model = detector_from_checkpoint(tmp_path / "official.pth")
+    assert model.cfg.size == "s" and model.cfg.num_classes == 80 and _same_weights(model, source)
+    small = build_detector("s", num_classes=6, num_queries=100)
+    save_checkpoint(small, tmp_path / "ours.pth")
+    model = detector_from_checkpoint(tmp_path / "ours.pth")
+    assert (model.cfg.num_classes, model.cfg.num_queries) == (6, 100) and _same_weights(model, small)
