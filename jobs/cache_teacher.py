@@ -25,7 +25,7 @@ from pipeline.augment import apply_record, view_record
 from pipeline.datasets import DatasetError, load_dataset
 from pipeline.policy import AugPolicy
 from pipeline.recipe import RECIPES, get_recipe, scale_recipe
-from teacher_cache.precompute import TeacherSpec, precompute, verify
+from teacher_cache.precompute import TeacherSpec, pending_shards, precompute, verify
 from teacher_cache.store import Store, StoreError
 from teacher_cache.teachers import WeightsError, build_teacher, choose_precision, resolve_arch
 from teacher_cache.views import ViewPlan
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         result = verify(store, teacher, renderer, samples=args.verify)
         print(json.dumps(result, indent=1))
         return 1 if result["problems"] else 0
-    todo = len([s for s in range(store.num_shards) if not store.is_complete(s)])
+    todo = len(pending_shards(store))
     check_free_space(out, todo * store.shard_size * store.num_views * store.bytes_per_view())
     if args.no_ray:
         executor = "local"
