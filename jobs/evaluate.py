@@ -15,18 +15,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from pipeline.augment import AugmentedDataset
+from pipeline.collate import stack_collate
 from pipeline.datasets import load_dataset
 from pipeline.distributed import init_distributed
 from pipeline.evaluate import BACKENDS, CocoEvaluator, evaluate_detector, format_table
-
-
-def collate(batch):
-    images, targets = zip(*batch)
-    return torch.stack(images), list(targets)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +62,7 @@ def main(argv=None) -> dict[str, float]:
         val = Subset(val, range(min(args.limit, len(val))))
     sampler = DistributedSampler(val, shuffle=False) if info.enabled else None
     loader = DataLoader(val, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate)
+                        collate_fn=stack_collate)
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_category_id, backend=args.backend)
     start = time.perf_counter()
     stats = evaluate_detector(model, PostProcessor(num_classes, num_top_queries=300), loader, evaluator,

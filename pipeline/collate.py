@@ -22,6 +22,13 @@ def multiscale_sizes(base_size: int = 640, base_size_repeat: int = 3) -> list[in
     return [low + 32 * i for i in range(n)] + [base_size] * base_size_repeat + [high - 32 * i for i in range(n)]
 
 
+def stack_collate(items):
+    """Plain collate of ``(image, target)`` pairs: stacked images [B,3,H,W] and the list of targets
+    (evaluation, where there is no MixUp or multi-scale)."""
+    images, targets = zip(*items)
+    return torch.stack(images), list(targets)
+
+
 @dataclass
 class BatchRecord:
     """What the collate did to a batch: ``size`` (output side; ``resized``: multi-scale fired), ``mixup``, ``beta``."""

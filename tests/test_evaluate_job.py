@@ -47,15 +47,15 @@ class Oracle(torch.nn.Module):
 def test_evaluation_loop_maps_boxes_and_labels_back():
     """Ground truth through the val view, PostProcessor (w, h) scaling and the label map gives AP 1."""
     from detector.postprocessor import PostProcessor
-    from jobs.evaluate import collate
     from pipeline.augment import AugmentedDataset
+    from pipeline.collate import stack_collate
     from pipeline.evaluate import CocoEvaluator, evaluate_detector
 
     dataset = load_dataset(None, split="val")
     val = torch.utils.data.Subset(AugmentedDataset(dataset, policy=None, size=64), range(12))
     assert {tuple(dataset[i][1]["orig_size"].tolist()) for i in range(12)} == {(320, 320), (320, 240)}
     model = Oracle([val[i][1] for i in range(len(val))], dataset.num_classes)
-    loader = torch.utils.data.DataLoader(val, batch_size=5, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(val, batch_size=5, collate_fn=stack_collate)
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_category_id)
     stats = evaluate_detector(model, PostProcessor(dataset.num_classes), loader, evaluator, progress=False)
     assert stats["AP"] == pytest.approx(1.0, abs=1e-6) and stats["AR100"] == pytest.approx(1.0, abs=1e-6)
