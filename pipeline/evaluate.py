@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torchvision.ops import box_convert
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("faster-coco-eval", "pycocotools")
@@ -66,7 +67,7 @@ def detections_to_coco(
     results = []
     for pred, image_id in zip(predictions, image_ids):
         boxes = torch.as_tensor(pred["boxes"]).detach().float().cpu().reshape(-1, 4)
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        xywh = box_convert(boxes, "xyxy", "xywh").tolist()
         labels = torch.as_tensor(pred["labels"]).detach().cpu().reshape(-1).tolist()
         scores = torch.as_tensor(pred["scores"]).detach().float().cpu().reshape(-1).tolist()
         if label_to_category is not None:
