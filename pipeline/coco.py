@@ -7,7 +7,6 @@ annotations are dropped, boxes are clamped to the image and degenerate ones remo
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,22 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import (BadSampleReport, DatasetError, DetectionDataset, Sample, check_on_error,
-                               clamp_and_filter, finish_loading)
+                               clamp_and_filter, finish_loading, read_json)
 
 log = logging.getLogger(__name__)
-
-
-def read_json(path: Path) -> dict:
-    """Parse a json file; a syntax error names the file, line and column."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror}). Fix: check the path.") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}). Fix: repair the file at that "
-                           f"spot (`python -m json.tool {path}` shows it) or re-export the annotations.") from e
 
 
 def find_coco_split(root: Path, split: str) -> tuple[Path, Path | None]:

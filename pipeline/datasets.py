@@ -88,6 +88,19 @@ def check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
+def read_json(path: Path) -> dict:
+    """Parse a json file; a syntax error names the file, line and column."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror}). Fix: check the path.") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}). Fix: repair the file at that "
+                           f"spot (`python -m json.tool {path}` shows it) or re-export the annotations.") from e
+
+
 def clamp_and_filter(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """Clamp XYXY boxes to the image in place; return the keep mask of non-degenerate boxes (official)."""
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
@@ -241,7 +254,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             from pycocotools.coco import COCO
             coco = COCO()
             with contextlib.redirect_stdout(io.StringIO()):
-                coco.dataset = json.loads(self._coco_json.read_text()) if self._coco_json else self.to_coco()
+                coco.dataset = read_json(self._coco_json) if self._coco_json else self.to_coco()
                 coco.createIndex()
             self._coco = coco
         return self._coco

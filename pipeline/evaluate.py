@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torchvision.ops import box_convert
+
+from pipeline.datasets import read_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("faster-coco-eval", "pycocotools")
@@ -45,11 +46,7 @@ def load_ground_truth(gt) -> dict:
     if hasattr(gt, "dataset") and isinstance(gt.dataset, Mapping):  # pycocotools / faster-coco-eval COCO
         gt = gt.dataset
     if not isinstance(gt, Mapping):
-        path = Path(gt)
-        try:
-            gt = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read COCO annotations {path}: {e}") from e
+        gt = read_json(gt)
     missing = {"images", "annotations", "categories"} - set(gt)
     if missing:
         raise ValueError(f"COCO ground truth lacks {sorted(missing)}: give an instances_*.json style dict")
