@@ -96,14 +96,14 @@ def _batch_idx(indices: Indices) -> tuple[Tensor, Tensor]:
     return batch, torch.cat([src for src, _ in indices])
 
 
-def _average_over_world(n: int, device: torch.device) -> float:
-    """Count averaged over the DDP world (all-reduce when initialised), clamped to >= 1."""
-    t = torch.as_tensor([n], dtype=torch.float, device=device)
+def _average_over_world(counts: list[int], device: torch.device) -> list[float]:
+    """Counts averaged over the DDP world, each clamped to >= 1: one all-reduce and one host sync."""
+    t = torch.as_tensor(counts, dtype=torch.float, device=device)
     world = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
         world = dist.get_world_size()
-    return torch.clamp(t / world, min=1).item()
+    return torch.clamp(t / world, min=1).tolist()
 
 
 @dataclass
@@ -252,12 +252,9 @@ class Criterion(nn.Module):
         match_enc = [self.matcher(e, enc_targets) for e in enc]
         go = union_indices([match_main, *match_aux, *([match_pre] if pre is not None else []), *match_enc])
 
-        num_boxes = _average_over_world(sum(len(t["labels"]) for t in targets), device)
-        if self.use_uni_set:
-            num_go = _average_over_world(sum(len(src) for src, _ in go), device)
-            box_idx, num_box = to_dev(go), num_go
-        else:
-            box_idx, num_box = None, num_boxes
+        num_boxes, num_go = _average_over_world([sum(len(t["labels"]) for t in targets),
+                                                 sum(len(src) for src, _ in go)], device)
+        box_idx, num_box = (to_dev(go), num_go) if self.use_uni_set else (None, num_boxes)
 
         cache = _StepCache()
         local = {"up": outputs.get("up"), "reg_scale": outputs.get("reg_scale"), "cache": cache, "is_dn": False}
