@@ -142,7 +142,7 @@ class AIFI(nn.Module):
         return src
 
 
-def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0, device=None) -> torch.Tensor:
     """2D sin-cos embedding [1, h*w, dim] for a row-major (y, x) flattened map.
 
     Channel layout follows the official build_2d_sincos_position_embedding: [sin, cos] of the first
@@ -152,9 +152,9 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0) 
     """
     if dim % 4:
         raise ValueError(f"hidden_dim must be divisible by 4 for the 2D sin-cos embedding, got {dim}")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                            indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
+                            torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
     out_y = ys.flatten()[:, None] * omega[None]
     out_x = xs.flatten()[:, None] * omega[None]
     return torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)[None]
@@ -186,7 +186,7 @@ class HybridEncoder(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:
         proj = [p(f) for p, f in zip(self.input_proj, feats)]
         b, c, h, w = proj[-1].shape
-        pos = sincos_pos_embed_2d(h, w, c, self.pe_temperature).to(proj[-1])
+        pos = sincos_pos_embed_2d(h, w, c, self.pe_temperature, proj[-1].device).to(proj[-1].dtype)
         memory = self.encoder[0](proj[-1].flatten(2).transpose(1, 2), pos)
         f5 = memory.transpose(1, 2).reshape(b, c, h, w).contiguous()
         proj[-1] = f5

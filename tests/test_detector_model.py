@@ -98,3 +98,28 @@ def test_pretrained_backbone_from_local_path(tmp_path):
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in donor.state_dict().items())
     with pytest.raises(FileNotFoundError, match="PPHGNetV2"):
         build_detector("s", pretrained_backbone=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.gpu
+def test_cuda_train_step_and_eval_match_cpu():
+    torch.manual_seed(0)
+    model = build_detector("s", num_classes=5)
+    images = torch.rand(2, 3, 320, 320)
+    with torch.no_grad():
+        cpu_out = model.eval()(images)
+    model = model.cuda()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        gpu_out = model(images.cuda())
+    from detector.deploy import detection_differences
+    from detector.postprocessor import PostProcessor
+    post, sizes = PostProcessor(num_classes=5).deploy(), torch.tensor([[320, 320], [320, 320]])
+    diff = detection_differences([t.cpu() for t in post({k: v.cpu() for k, v in gpu_out.items()}, sizes)],
+                                 post(cpu_out, sizes), tie_atol=1e-3)
+    assert diff["labels"] == 0 and diff["scores"] < 1e-3 and diff["boxes"] < 0.5, diff  # boxes in pixels
+    model.train()
+    targets = [{k: v.cuda() for k, v in t.items()} for t in _targets(2)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images.cuda(), targets)
+    (out["pred_logits"].float().sigmoid().mean() + out["aifi_feature"].float().pow(2).mean()).backward()
+    assert torch.isfinite(model.get_parameter("backbone.stem.stem1.conv.weight").grad).all()
