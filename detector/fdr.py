@@ -12,6 +12,7 @@ from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 
 Scale = Union[torch.Tensor, float]
 
@@ -57,7 +58,7 @@ def distance2bbox(points: torch.Tensor, distance: torch.Tensor, reg_scale: Scale
     y1 = points[..., 1] - (0.5 * reg_scale + distance[..., 1]) * (points[..., 3] / reg_scale)
     x2 = points[..., 0] + (0.5 * reg_scale + distance[..., 2]) * (points[..., 2] / reg_scale)
     y2 = points[..., 1] + (0.5 * reg_scale + distance[..., 3]) * (points[..., 3] / reg_scale)
-    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
+    return box_convert(torch.stack([x1, y1, x2, y2], -1), "xyxy", "cxcywh")
 
 
 def translate_gt(
