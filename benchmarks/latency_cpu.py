@@ -5,7 +5,9 @@ batch 1, 640x640, S and L, side by side in one run; prints the ratios and the CP
     python -m benchmarks.latency_cpu --sizes s --compile --iters 30
 
 This is the no-GPU stand-in for the T4 TensorRT table: absolute numbers depend on the CPU and
-on what else runs on it, so compare the ratios. Outputs go to --out (report.json / report.md).
+on what else runs on it, so compare the ratios. On a CPU shared with other jobs use --threads 1:
+torch's OpenMP threads stall under contention (measured 10x slower with 2 threads at load 8 on 2
+cores, onnxruntime 1.7x). Outputs go to --out (report.json / report.md).
 """
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ class OnnxRuntimeBackend:
 
     @property
     def label(self) -> str:
-        t = f", {self.threads} threads" if self.threads and self.device == "cpu" else ""
+        t = f", {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads and self.device == "cpu" else ""
         return f"{self.name} {self.precision} {self.device}{t}"
 
     def prepare(self, images: torch.Tensor, sizes: torch.Tensor):
