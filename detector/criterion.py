@@ -29,27 +29,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .box_ops import cxcywh_to_xyxy, paired_iou_giou
 from .fdr import bbox2distance
-from .matcher import HungarianMatcher, Indices, cxcywh_to_xyxy
+from .matcher import HungarianMatcher, Indices
 
 DEFAULT_WEIGHTS = {"loss_mal": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_fgl": 0.15, "loss_ddf": 1.5}
-
-
-# --------------------------------------------------------------------------------------------------
-# Box helpers (torchvision only offers pairwise N x M matrices; the losses need matched pairs).
-# --------------------------------------------------------------------------------------------------
-def _paired_iou_giou(src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
-    """Element-wise IoU and GIoU of matched cxcywh boxes; equals diag(box_iou / generalized_box_iou)."""
-    a, b = cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    union = area_a + area_b - inter
-    iou = inter / union
-    wh_c = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
-    area_c = wh_c[:, 0] * wh_c[:, 1]
-    return iou, iou - (area_c - union) / area_c
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +135,7 @@ class Criterion(nn.Module):
         idx = _batch_idx(indices)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         with torch.no_grad():
-            iou, _ = _paired_iou_giou(out["pred_boxes"][idx], _matched_boxes(targets, indices))
+            iou, _ = paired_iou_giou(out["pred_boxes"][idx], _matched_boxes(targets, indices))
         classes = torch.full(logits.shape[:2], logits.shape[-1], dtype=torch.int64, device=logits.device)
         classes[idx] = labels
         onehot = F.one_hot(classes, logits.shape[-1] + 1)[..., :-1]
@@ -169,7 +153,7 @@ class Criterion(nn.Module):
         """L1 on normalised cxcywh and 1 - GIoU, summed over matches / num_boxes."""
         src = out["pred_boxes"][_batch_idx(indices)]
         tgt = _matched_boxes(targets, indices)
-        _, giou = _paired_iou_giou(src, tgt)
+        _, giou = paired_iou_giou(src, tgt)
         return {"loss_bbox": F.l1_loss(src, tgt, reduction="none").sum() / num_boxes,
                 "loss_giou": (1 - giou).sum() / num_boxes}
 
@@ -192,7 +176,7 @@ class Criterion(nn.Module):
                 cache.fgl = fgl
         index, w_right, w_left = fgl
         with torch.no_grad():
-            iou, _ = _paired_iou_giou(out["pred_boxes"][idx], tgt)
+            iou, _ = paired_iou_giou(out["pred_boxes"][idx], tgt)
         left = index.long()
         ce = F.cross_entropy(corners, left, reduction="none") * w_left \
             + F.cross_entropy(corners, left + 1, reduction="none") * w_right

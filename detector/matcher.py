@@ -9,18 +9,11 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import generalized_box_iou
+
+from .box_ops import cxcywh_to_xyxy
 
 Indices = list[tuple[Tensor, Tensor]]
-
-
-def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """cxcywh -> xyxy with negative widths/heights clamped to 0.
-
-    D-FINE boxes come from edge distances and can have w < 0; the official conversion clamps them
-    so that (G)IoU stays defined. Apart from the clamp this is ``torchvision.ops.box_convert``.
-    """
-    return box_convert(torch.cat([boxes[..., :2], boxes[..., 2:].clamp(min=0.0)], -1), "cxcywh", "xyxy")
 
 
 class HungarianMatcher(nn.Module):

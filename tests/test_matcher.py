@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from detector.matcher import HungarianMatcher, cxcywh_to_xyxy
+from detector.box_ops import cxcywh_to_xyxy
+from detector.matcher import HungarianMatcher
 
 
 def _giou(a, b):
