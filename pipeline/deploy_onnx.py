@@ -10,7 +10,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -104,7 +103,3 @@ def random_inputs(batch: int = 1, size: int = 640, seed: int = 0, orig_size: tup
     images = torch.rand(batch, 3, size, size, generator=g)
     w, h = orig_size or (size, size)
     return images, torch.tensor([[w, h]] * batch, dtype=torch.int64)
-
-
-def as_numpy(outputs) -> list[np.ndarray]:
-    return [o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
