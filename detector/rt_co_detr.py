@@ -60,12 +60,19 @@ def align_teacher_logits(teacher_logits: Tensor, student_classes: int,
     if bad:
         raise ValueError(f"class_map entries out of range (teacher {c_t}, student {student_classes} "
                          f"classes): {bad[:5]}")
-    targets = sorted(set(class_map.values()))
-    cols = []
-    for s in targets:
-        src = [t for t, v in class_map.items() if v == s]
-        cols.append(teacher_logits[..., src].logsumexp(-1))
-    return torch.stack(cols, -1), torch.tensor(targets, device=teacher_logits.device)
+    sources: dict[int, list[int]] = {}
+    for t, s in class_map.items():
+        sources.setdefault(s, []).append(t)
+    targets = sorted(sources)
+    dev = teacher_logits.device
+    # One gather for all columns (a single class's logsumexp is the logit itself); only merged
+    # classes need a logsumexp of their own.
+    first = torch.tensor([sources[s][0] for s in targets], device=dev)
+    aligned = teacher_logits.index_select(-1, first)
+    for j, s in enumerate(targets):
+        if len(sources[s]) > 1:
+            aligned[..., j] = teacher_logits[..., sources[s]].logsumexp(-1)
+    return aligned, torch.tensor(targets, device=dev)
 
 
 @torch.no_grad()
