@@ -301,14 +301,11 @@ class Store:
         start, stop = self.shard_range(shard)
         problems = []
         for obj in self._shard_objects(shard):
-            n_inner = self.shard_size * self.num_views
             try:
-                with self.fs.open(obj, "rb") as f:
-                    raw = f.read(n_inner * 16)
+                index = self._read_index(obj)
             except FileNotFoundError:
                 problems.append(f"shard object {obj} missing")
                 continue
-            index = np.frombuffer(raw, dtype="<u8").reshape(self.shard_size, self.num_views, 2)
             absent = np.argwhere(index[: stop - start, :, 0] == _MISSING)
             if len(absent):
                 i, v = absent[0]
@@ -351,12 +348,16 @@ class Store:
         obj = self._shard_objects(shard)[array]
         index = self._indexes.get((array, shard))
         if index is None:
-            raw = self.fs.cat_file(obj, start=0, end=self.shard_size * self.num_views * 16)
-            index = self._indexes[(array, shard)] = np.frombuffer(raw, "<u8").reshape(
-                self.shard_size, self.num_views, 2)
+            index = self._indexes[(array, shard)] = self._read_index(obj)
         offset, nbytes = (int(x) for x in index[i - shard * self.shard_size, view])
         raw = self.fs.cat_file(obj, start=offset, end=offset + nbytes)
         return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+
+    def _read_index(self, obj: str) -> np.ndarray:
+        """The shard object's index (``index_location="start"``): (offset, nbytes) per inner chunk,
+        [shard_size, views, 2] uint64, all ones where a chunk is absent."""
+        raw = self.fs.cat_file(obj, start=0, end=self.shard_size * self.num_views * 16)
+        return np.frombuffer(raw, "<u8").reshape(self.shard_size, self.num_views, 2)
 
     def read_batch(self, keys_or_indices, view_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Grids [B, C, h, w] and a bool mask [B] of the views present (absent rows are zero)."""
