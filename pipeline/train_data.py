@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.augment import AugmentedDataset, apply_record, plain_record, record_for, sample_record
+from pipeline.augment import AugmentedDataset, apply_record, view_record
 from pipeline.collate import Collate
 from pipeline.datasets import load_dataset
 from pipeline.policy import AugPolicy
@@ -41,13 +41,9 @@ class PlannedViews:
     def __init__(self, plan: ViewPlan, store: Store, policy: AugPolicy, size: int, num_samples: int):
         self.plan, self.store, self.policy, self.size, self.n = plan, store, policy, size, num_samples
 
-    def record(self, epoch: int, index: int, width: int, height: int, boxes) -> tuple[int, object]:
+    def record(self, epoch: int, index: int, width: int, height: int, boxes):
         view = self.plan.view_for(epoch, index)
-        args = self.plan.record_args(view)
-        if args["kind"] == "plain":
-            return view, plain_record(index, flip=args["flip"], size=self.size)
-        rec = sample_record(args["seed"], args["epoch"], index, self.policy, self.n, (width, height), boxes)
-        return view, rec
+        return view_record(self.plan.record_args(view), index, self.policy, self.n, (width, height), boxes, self.size)
 
     def grid(self, key: str, epoch: int, index: int):
         return self.store.read(key, self.plan.view_for(epoch, index))
@@ -66,7 +62,7 @@ class CachedViewDataset(Dataset):
     def __getitem__(self, item):
         epoch, index = item
         ann = self.dataset.annotation(index)
-        _, record = self.views.record(epoch, index, ann["width"], ann["height"], ann["boxes"])
+        record = self.views.record(epoch, index, ann["width"], ann["height"], ann["boxes"])
         image, target = self.dataset[index]
         image, target = apply_record(record, image, target, load_partner=self.dataset.__getitem__)
         target["teacher"] = self.views.grid(ann["key"], epoch, index)
@@ -218,7 +214,7 @@ def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
         if cfg.cache and cfg.distill == "dsi":
             store = _open_store(cfg, recipe, policy, index.manifest["dataset_hash"])
             views = PlannedViews(store.plan, store, policy, size, len(index))
-            record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])[1]  # noqa: E731
+            record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])  # noqa: E731
             join = lambda key, t: {"teacher": views.grid(key, t["record_epoch"], t["index"])}  # noqa: E731
             stream = ShardStream(cfg.data, mode="train", rank=dist.rank, world_size=dist.world_size,
                                  seed=cfg.seed, policy=policy, record_fn=record_fn, join=join)
