@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import generalized_box_iou
+
+from .box_ops import cxcywh_to_xyxy
 
 
 @dataclass
@@ -82,8 +84,7 @@ def hungarian_pairs(s_prob: Tensor, s_boxes: Tensor, t_prob: Tensor, t_boxes: Te
     (class-probability L1 distance, cxcywh L1, -GIoU). Returns (student_idx, teacher_idx)."""
     c = (cost_class * torch.cdist(s_prob.float(), t_prob.float(), p=1)
          + cost_bbox * torch.cdist(s_boxes.float(), t_boxes.float(), p=1)
-         - cost_giou * generalized_box_iou(box_convert(s_boxes.float(), "cxcywh", "xyxy"),
-                                           box_convert(t_boxes.float(), "cxcywh", "xyxy")))
+         - cost_giou * generalized_box_iou(cxcywh_to_xyxy(s_boxes.float()), cxcywh_to_xyxy(t_boxes.float())))
     i, j = linear_sum_assignment(c.cpu().numpy())
     dev = s_boxes.device
     return torch.as_tensor(i, dtype=torch.long, device=dev), torch.as_tensor(j, dtype=torch.long, device=dev)

@@ -11,6 +11,7 @@ import logging
 import sys
 from dataclasses import fields
 
+from pipeline.distributed import cleanup
 from pipeline.trainer import TrainConfig, Trainer
 
 
@@ -58,7 +59,10 @@ def parse_args(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_args(argv)
-    result = Trainer(cfg).fit()
+    try:
+        result = Trainer(cfg).fit()
+    finally:
+        cleanup()
     logging.getLogger("rtdetrv4.train").info("done: %s", result)
     return 0
 

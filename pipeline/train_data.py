@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import AugmentedDataset, apply_record, view_record
-from pipeline.collate import Collate
+from pipeline.collate import Collate, stack_collate
 from pipeline.datasets import load_dataset
 from pipeline.policy import AugPolicy
 from pipeline.sampler import ResumableSampler
@@ -128,7 +128,7 @@ class TrainData:
         items = AugmentedDataset(self.val_dataset, policy=None, size=self.cfg.img_size)
         sampler = ResumableSampler(len(items), rank, world_size, shuffle=False, drop_last=False)
         return DataLoader(items, batch_size=self.batch_size, sampler=sampler, num_workers=self.cfg.workers,
-                          collate_fn=_val_collate, pin_memory=self.device.type == "cuda")
+                          collate_fn=stack_collate, pin_memory=self.device.type == "cuda")
 
     # -- teacher targets ---------------------------------------------------------------------
     def online_teacher(self) -> Teacher:
@@ -165,11 +165,6 @@ class TrainData:
         """Hit rate and online-teacher time since the last call (for logging)."""
         values, self.stats = self.stats.as_dict(), TeacherStats()
         return values
-
-
-def _val_collate(items):
-    images, targets = zip(*items)
-    return torch.stack(images), list(targets)
 
 
 def _build_online_teacher(cfg, store: Store | None, device: torch.device) -> Teacher:
