@@ -13,7 +13,7 @@ from pipeline import report as rep
 def test_benchmark_job_falls_back_and_labels_everything(tmp_path, taco_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a machine without TensorRT
     out = tmp_path / "bench"
-    r = main(["--size", "s", "--image-size", "320", "--warmup", "1", "--iters", "2", "--threads", "2",
+    r = main(["--size", "s", "--image-size", "320", "--warmup", "1", "--iters", "2", "--threads", "1",
               "--images", str(taco_dir / "images"), "--n-images", "2", "--ap", "s=49.8", "--out", str(out)])
     err = capsys.readouterr().err
     assert "TensorRT benchmark not possible: tensorrt is not installed" in err
