@@ -129,9 +129,6 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, dev = self.cfg, self.dist.device
         detector = build_detector(cfg.size, num_classes=self.data.num_classes)
-        if cfg.finetune:
-            report = load_checkpoint(detector, cfg.finetune)
-            log.info("finetune from %s: %s", cfg.finetune, report)
         dsi = codetr = None
         if cfg.distill == "dsi":
             dsi = DSI(DSIConfig(student_dim=detector.cfg.hidden_dim, teacher_dim=self.data.teacher_dim))
@@ -139,6 +136,10 @@ class Trainer:
             codetr = self._build_codetr(detector)
         elif cfg.distill != "none":
             raise ValueError(f"--distill must be dsi, codetr or none, got {cfg.distill!r}")
+        if cfg.finetune:   # an official projector (hidden -> 768, ViT-B) is reused when the teacher is as wide
+            fits = dsi is not None and self.data.teacher_dim == 768 and dsi.cfg.projector == "linear"
+            report = load_checkpoint(detector, cfg.finetune, dsi=dsi if fits else None)
+            log.info("finetune from %s: %s", cfg.finetune, report)
         student = Student(detector, dsi, codetr).to(dev)
         if self.dist.enabled and dev.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)

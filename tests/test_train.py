@@ -159,3 +159,16 @@ def test_rt_co_detr_distills_from_a_detector_checkpoint(tmp_path):
     grads = [p.grad for p in trainer.student.codetr.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert not any(p.requires_grad for p in trainer.detector_teacher.parameters())
+
+
+def test_finetune_from_an_80_class_checkpoint_with_its_projector(tmp_path):
+    from detector import build_detector
+    from detector.checkpoint import save_checkpoint
+    from detector.dsi import DSI, DSIConfig
+
+    path = tmp_path / "coco_s.pth"
+    save_checkpoint(build_detector("s", num_classes=80), path, dsi=DSI(DSIConfig()))   # official layout, 768-d
+    trainer = _trainer(tmp_path / "run", finetune=str(path), distill="dsi", vfm="dinov3_vits")
+    assert trainer.data.num_classes == 6 and trainer.student.dsi.cfg.teacher_dim == 384   # projector dropped
+    images, targets, batch = next(iter(trainer.data.train_loader(0)))
+    assert trainer.train_step(images, targets, batch) is not None
