@@ -164,7 +164,7 @@ class HybridEncoder(nn.Module):
     """Returns (fused maps [P3, P4, P5] at strides 8/16/32 with `hidden_dim` channels, F5)."""
 
     def __init__(self, in_channels: Sequence[int], hidden_dim: int = 256, heads: int = 8, ffn_dim: int = 1024,
-                 num_layers: int = 1, enc_act: str = "gelu", expansion: float = 1.0, depth_mult: float = 1.0,
+                 num_layers: int = 1, enc_act: str = "gelu", csp_channels: int = 128, csp_blocks: int = 3,
                  act: str = "silu", pe_temperature: float = 10000.0):
         super().__init__()
         self.hidden_dim = hidden_dim
@@ -174,7 +174,7 @@ class HybridEncoder(nn.Module):
             for c in in_channels)
         # one AIFI on the last level (official use_encoder_idx=[2]); ModuleList keeps the key encoder.0.*
         self.encoder = nn.ModuleList([AIFI(hidden_dim, heads, ffn_dim, num_layers, enc_act)])
-        c4, n = round(expansion * hidden_dim // 2), round(3 * depth_mult)
+        c4, n = csp_channels, csp_blocks   # RepNCSPELAN4 width and depth (DetectorConfig derives them)
         levels = len(in_channels)
         self.lateral_convs = nn.ModuleList(ConvNorm(hidden_dim, hidden_dim, 1) for _ in range(levels - 1))
         self.fpn_blocks = nn.ModuleList(

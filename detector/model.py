@@ -28,7 +28,7 @@ class RTDETRv4(nn.Module):
         self.backbone = HGNetv2(cfg.backbone, cfg.use_lab, pretrained=cfg.pretrained_backbone)
         self.encoder = HybridEncoder(
             cfg.backbone_channels, cfg.hidden_dim, heads=cfg.aifi_heads, ffn_dim=cfg.aifi_ffn_dim,
-            num_layers=cfg.aifi_layers, enc_act=cfg.aifi_act, expansion=cfg.expansion, depth_mult=cfg.depth_mult,
+            num_layers=cfg.aifi_layers, enc_act=cfg.aifi_act, csp_channels=cfg.csp_channels, csp_blocks=cfg.csp_blocks,
             act=cfg.ccff_act, pe_temperature=cfg.pe_temperature)
         self.decoder = DFINEDecoder(
             num_classes=cfg.num_classes, hidden_dim=cfg.decoder_dim, num_queries=cfg.num_queries,
