@@ -13,9 +13,9 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
 
-from pipeline.augment import AugmentedDataset
-from pipeline.datasets import load_dataset
-from pipeline.policy import AugPolicy
+from pipeline.data.augment import AugmentedDataset
+from pipeline.data.load import load_dataset
+from pipeline.data.policy import AugPolicy
 
 
 def official_phase3():

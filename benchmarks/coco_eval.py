@@ -2,7 +2,7 @@
 
 Generates a COCO ground truth (random boxes of every size range, some crowd boxes) and
 detections (jittered ground truth with noisy scores and wrong labels, plus false positives),
-scores them with both backends through ``pipeline.evaluate.coco_eval`` and prints both rows,
+scores them with both backends through ``pipeline.data.evaluate.coco_eval`` and prints both rows,
 the largest difference and the speed ratio.
 
     python -m benchmarks.coco_eval [--images 2000] [--dets 100]
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from pipeline.evaluate import STAT_NAMES, coco_eval, format_table
+from pipeline.data.evaluate import STAT_NAMES, coco_eval, format_table
 
 
 def generate(num_images: int, dets_per_image: int, num_classes: int = 80, seed: int = 0):

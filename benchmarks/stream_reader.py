@@ -26,12 +26,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image
 
-import pipeline.datasets
-import pipeline.shards
-from pipeline.augment import AugmentedDataset
-from pipeline.datasets import load_dataset
-from pipeline.policy import AugPolicy
-from pipeline.shards import ShardStream, write_shards
+import pipeline.data.dataset
+import pipeline.data.shards
+from pipeline.data.augment import AugmentedDataset
+from pipeline.data.load import load_dataset
+from pipeline.data.policy import AugPolicy
+from pipeline.data.shards import ShardStream, write_shards
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TACO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco_val"
@@ -57,10 +57,10 @@ def decode_pil(data: bytes):
 
 
 class DecodeTimer:
-    """Wraps ``pipeline.datasets.decode`` (used by the dataset and the stream) to time it."""
+    """Wraps ``pipeline.data.dataset.decode`` (used by the dataset and the stream) to time it."""
 
     def __init__(self):
-        self.seconds, self.calls, self.original = 0.0, 0, pipeline.datasets.decode
+        self.seconds, self.calls, self.original = 0.0, 0, pipeline.data.dataset.decode
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
@@ -70,11 +70,11 @@ class DecodeTimer:
         return out
 
     def __enter__(self):
-        pipeline.datasets.decode = pipeline.shards.decode = self
+        pipeline.data.dataset.decode = pipeline.data.shards.decode = self
         return self
 
     def __exit__(self, *exc):
-        pipeline.datasets.decode = pipeline.shards.decode = self.original
+        pipeline.data.dataset.decode = pipeline.data.shards.decode = self.original
 
 
 def samples_per_second(loader, n: int) -> float:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from jobs.cache_teacher import Renderer
-from pipeline.datasets import load_dataset
-from pipeline.policy import AugPolicy
+from pipeline.data.views import Renderer
+from pipeline.data.load import load_dataset
+from pipeline.data.policy import AugPolicy
 from teacher_cache.precompute import TeacherSpec, precompute
 from teacher_cache.store import Store
 from teacher_cache.teachers import build_teacher

@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from jobs import cache_teacher  # noqa: E402
-from pipeline.recipe import get_recipe  # noqa: E402
-from pipeline.trainer import TrainConfig, Trainer, scale_recipe  # noqa: E402
+from pipeline.train.recipe import get_recipe  # noqa: E402
+from pipeline.train.trainer import TrainConfig, Trainer, scale_recipe  # noqa: E402
 
 
 def prepared(cfg: TrainConfig, steps: int, epoch: int):

@@ -9,7 +9,9 @@ buffers (regenerated, never loaded) and the training-only DSI projector
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
@@ -46,6 +48,23 @@ class LoadReport:
         if self.dropped:
             parts.append(f"dropped training-only {self.dropped}")
         return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path):
+    """Yield a binary file that replaces ``path`` only once fully written (temp file + rename), so an
+    interrupted write never leaves a truncated file; the one such helper of the project."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def detect_size(state: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -169,27 +188,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, dsi: Optional[torc
     cfg: DetectorConfig = model.cfg
     ckpt = {"format": FORMAT, "config": {k: v for k, v in asdict(cfg).items() if k != "pretrained_backbone"},
             "model": state, **extra}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint
-    return path
-
-
-def detector_from_checkpoint(path: str | Path) -> torch.nn.Module:
-    """Build the RTDETRv4 of the size and class count stored in ``path`` and load it (used for
-    detector teachers, e.g. RT-CO-DETR distillation from a trained X)."""
-    from .model import build_detector
-
-    state, _ = _extract_state(torch.load(str(path), map_location="cpu", weights_only=False), str(path))
-    state = _strip_module(state)
-    size = detect_size(state)
-    if size is None:
-        raise ValueError(f"{path}: cannot tell the RT-DETRv4 size from its tensor shapes")
-    model = build_detector(size, num_classes=state["decoder.enc_score_head.weight"].shape[0])
-    load_checkpoint(model, path)
-    return model
+    with atomic_write(path) as f:
+        torch.save(ckpt, f)
+    return Path(path)
 
 
 def detector_from_checkpoint(path: str | Path, dsi: Optional[torch.nn.Module] = None, **overrides):

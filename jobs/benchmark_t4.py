@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from jobs.export import PARITY_TOL, build_deploy_graph, export_onnx_checked, maybe_build_engine
-from pipeline import report as rep
-from pipeline.deploy_backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
-from pipeline.deploy_divergence import compare_detections, max_score
-from pipeline.deploy_inputs import list_images, read_image, to_inputs
-from pipeline.latency import busy_warning, device_info, measure, measure_interleaved
-from pipeline.trt_engine import tensorrt_status
+from pipeline.deploy.graph import PARITY_TOL, build_deploy_graph, export_onnx_checked, maybe_build_engine
+from pipeline.deploy import report as rep
+from pipeline.deploy.backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+from pipeline.deploy.compare import compare_detections, max_score
+from pipeline.deploy.inputs import list_images, read_image, to_inputs
+from pipeline.deploy.latency import busy_warning, device_info, measure, measure_interleaved
+from pipeline.deploy.trt_engine import tensorrt_status
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco_val" / "images"
 

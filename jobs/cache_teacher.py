@@ -21,47 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.augment import apply_record, view_record
-from pipeline.datasets import DatasetError, load_dataset
-from pipeline.policy import AugPolicy
-from pipeline.recipe import RECIPES, get_recipe, scale_recipe
+from pipeline.data.dataset import DatasetError
+from pipeline.data.load import load_dataset
+from pipeline.data.policy import AugPolicy
+from pipeline.data.views import Renderer
+from pipeline.train.recipe import RECIPES, resolve_recipe
 from teacher_cache.precompute import TeacherSpec, pending_shards, precompute, verify
 from teacher_cache.store import Store, StoreError
 from teacher_cache.teachers import WeightsError, build_teacher, choose_precision, resolve_arch
 from teacher_cache.views import ViewPlan
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Renderer:
-    """``render(index, view) -> uint8 [3, H, W]``: the exact view the trainer replays (the data
-    pipeline's records, bit-exact); the decoded source image is reused across its views."""
-
-    def __init__(self, data: str | None, split: str, plan: ViewPlan, policy: AugPolicy):
-        self.data, self.split, self.plan, self.policy = data, split, plan, policy
-        self._dataset, self._last = None, (None, None)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_dataset": None, "_last": (None, None)}
-
-    @property
-    def dataset(self):
-        if self._dataset is None:
-            self._dataset = load_dataset(self.data, split=self.split)
-        return self._dataset
-
-    def record(self, index: int, view: int):
-        a = self.dataset.annotation(index)
-        return view_record(self.plan.record_args(view), index, self.policy, len(self.dataset),
-                           (a["width"], a["height"]), a["boxes"], self.plan.input_size)
-
-    def __call__(self, index: int, view: int) -> np.ndarray:
-        if self._last[0] != index:
-            self._last = (index, self.dataset[index])
-        image, target = self._last[1]
-        out, _ = apply_record(self.record(index, view), image, target,
-                              load_partner=self.dataset.__getitem__, convert=False)
-        return out.as_subclass(torch.Tensor).numpy()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,9 +92,7 @@ def main(argv=None) -> int:
         dataset = load_dataset(args.data, split=args.split)
     except (ValueError, DatasetError) as e:
         fail(str(e))
-    recipe = get_recipe(args.size)
-    if args.epochs is not None and args.epochs != recipe.epochs:
-        recipe = scale_recipe(recipe, args.epochs)   # the same phases as `jobs.train --epochs N`
+    recipe = resolve_recipe(args.size, args.epochs)   # the same phases as `jobs.train --epochs N`
     epochs = tuple(args.policy_epochs or recipe.policy_epochs)
     plan = ViewPlan(seed=args.seed, k=args.views, epochs=epochs, input_size=(args.input_size,) * 2)
     policy = replace(AugPolicy.from_recipe(recipe, output_size=args.input_size), epochs=epochs)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from pipeline.augment import AugmentedDataset
-from pipeline.collate import stack_collate
-from pipeline.datasets import load_dataset
-from pipeline.distributed import init_distributed
-from pipeline.evaluate import BACKENDS, CocoEvaluator, evaluate_detector, format_table
+from pipeline.data.augment import AugmentedDataset
+from pipeline.data.collate import stack_collate
+from pipeline.data.load import load_dataset
+from pipeline.train.distributed import init_distributed
+from pipeline.data.evaluate import BACKENDS, CocoEvaluator, evaluate_detector, format_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.datasets import load_dataset
-from pipeline.shards import write_shards
+from pipeline.data.load import load_dataset
+from pipeline.data.shards import write_shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,16 +18,16 @@ import torch
 from torchvision.io import write_jpeg, write_png
 from tqdm import tqdm
 
-from pipeline.deploy_backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
-from pipeline.deploy_inputs import VIDEO_EXTS, list_images, read_image, to_inputs, video_frames
-from pipeline.draw import draw_detections
+from pipeline.deploy.backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+from pipeline.deploy.inputs import VIDEO_EXTS, list_images, read_image, to_inputs, video_frames
+from pipeline.deploy.draw import draw_detections
 
 
 def load_backend(args):
     if sum(x is not None for x in (args.checkpoint, args.onnx, args.engine)) > 1:
         raise SystemExit("give one of --checkpoint, --onnx, --engine")
     if args.engine:
-        from pipeline.trt_engine import tensorrt_status
+        from pipeline.deploy.trt_engine import tensorrt_status
         ok, why = tensorrt_status()
         if not ok:
             raise SystemExit(f"cannot run the engine {args.engine}: {why}. Use --onnx or --checkpoint instead.")
@@ -37,7 +37,7 @@ def load_backend(args):
             raise SystemExit(f"ONNX file {args.onnx} not found (python -m jobs.export writes one)")
         return OnnxRuntimeBackend(args.onnx, threads=args.threads,
                                   device="cuda" if args.device.startswith("cuda") else "cpu")
-    from jobs.export import build_deploy_graph, checkpoint_size
+    from pipeline.deploy.graph import build_deploy_graph, checkpoint_size
     if not args.size and not args.checkpoint:
         raise SystemExit("give --checkpoint, --onnx or --engine (or --size for random weights)")
     size = args.size or checkpoint_size(args.checkpoint)

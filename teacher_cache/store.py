@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 
 import fsspec
 import numpy as np
@@ -28,6 +27,8 @@ import torch
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+from detector.checkpoint import atomic_write
 
 from .quantize import DTYPES
 from .views import ViewPlan
@@ -387,11 +388,7 @@ def _write_json(fs, path: str, obj) -> None:
     data = json.dumps(obj, indent=1).encode()
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)

@@ -1,0 +1,67 @@
+"""The official ``stop_epoch`` augmentation policy and the settings of its ops (base/rtv4.yml, dataloader.yml).
+
+Phases for ``epochs = [e0, e1, e2]`` (official ``Compose.stop_epoch_forward``):
+
+1. ``epoch < e0``: no policy op (flip + resize only);
+2. ``e0 <= epoch < e1``: Mosaic with probability ``mosaic_prob``; a mosaic sample skips ZoomOut and
+   IoUCrop; PhotometricDistort stays on;
+3. ``e1 <= epoch < e2``: PhotometricDistort, ZoomOut and IoUCrop, no Mosaic;
+4. ``epoch >= e2``: no policy op.
+
+Horizontal flip and the final resize are never switched off.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class AugPolicy:
+    epochs: tuple[int, int, int] = (4, 29, 50)  # RT-DETRv4-L/X; S (4, 64, 120), M (4, 49, 90)
+    mosaic_prob: float = 0.5
+    mosaic_tile: int | None = None  # Mosaic output_size (tile shorter side); None: half the output, 320 at 640
+    mosaic_rotation: float = 10.0
+    mosaic_translate: float = 0.1
+    mosaic_scale: tuple[float, float] = (0.5, 1.5)
+    photometric_p: float = 0.5  # torchvision RandomPhotometricDistort defaults below
+    brightness: tuple[float, float] = (0.875, 1.125)
+    contrast: tuple[float, float] = (0.5, 1.5)
+    saturation: tuple[float, float] = (0.5, 1.5)
+    hue: tuple[float, float] = (-0.05, 0.05)
+    zoom_out_p: float = 0.5
+    zoom_out_side: tuple[float, float] = (1.0, 4.0)
+    iou_crop_p: float = 0.8  # torchvision RandomIoUCrop defaults below
+    iou_crop_scale: tuple[float, float] = (0.3, 1.0)
+    iou_crop_aspect: tuple[float, float] = (0.5, 2.0)
+    iou_crop_options: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    iou_crop_trials: int = 40
+    flip_p: float = 0.5
+    output_size: tuple[int, int] = (640, 640)  # (h, w), no aspect preservation; an int means square
+
+    def __post_init__(self):
+        size = self.output_size
+        size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+        object.__setattr__(self, "output_size", size)
+        object.__setattr__(self, "epochs", tuple(int(e) for e in self.epochs))
+        if self.mosaic_tile is None:
+            object.__setattr__(self, "mosaic_tile", size[0] // 2)
+        e0, e1, e2 = self.epochs
+        if not 0 <= e0 <= e1 <= e2:
+            raise ValueError(f"policy epochs must satisfy 0 <= e0 <= e1 <= e2, got {self.epochs}")
+
+    def phase(self, epoch: int) -> int:
+        e0, e1, e2 = self.epochs
+        return 1 if epoch < e0 else 2 if epoch < e1 else 3 if epoch < e2 else 4
+
+    def phase_epochs(self, phase: int) -> range:
+        """The epochs of ``phase`` (phase 4 is open-ended: ``range(e2, e2 + 1)`` stands for it)."""
+        e0, e1, e2 = self.epochs
+        return {1: range(0, e0), 2: range(e0, e1), 3: range(e1, e2), 4: range(e2, e2 + 1)}[phase]
+
+    @classmethod
+    def from_recipe(cls, recipe, output_size: int = 640) -> "AugPolicy":
+        """The policy of a :class:`pipeline.train.recipe.Recipe` (its ``policy_epochs`` and ``mosaic_prob``)."""
+        return cls(epochs=tuple(recipe.policy_epochs), mosaic_prob=recipe.mosaic_prob, output_size=output_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,107 @@
+"""The deploy graph of a checkpoint (fused, eval layer only, postprocessor inside), its ONNX
+export with interface/parity checks, and the optional TensorRT engine build."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detector import build_detector
+from detector.checkpoint import detect_size, load_checkpoint
+from detector.deploy import DeployModel, export_onnx
+from detector.postprocessor import PostProcessor
+from pipeline.deploy import onnx_check
+from pipeline.deploy.backends import OnnxRuntimeBackend, TorchBackend
+from pipeline.deploy.trt_engine import build_engine, image_profile, tensorrt_status
+
+PARITY_TOL = 1e-3  # max abs diff on boxes (pixels) and scores after postprocessing
+
+
+@dataclass
+class Built:
+    graph: nn.Module  # detector.deploy.DeployModel: (images, orig_target_sizes) -> (labels, boxes, scores)
+    size: str
+    num_classes: int
+    source: str  # checkpoint path or "random weights"
+
+
+def build_deploy_graph(size: str, checkpoint: str | None = None, num_classes: int | None = None) -> Built:
+    """The deploy-mode detector (fused, eval layer only) with its postprocessor, from a checkpoint
+    (EMA weights preferred, as official) or from random weights."""
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found; pass --checkpoint PATH or omit it "
+                                f"to export random weights")
+    if checkpoint is not None and num_classes is None:
+        num_classes = _checkpoint_num_classes(checkpoint)
+    num_classes = num_classes or 80
+    model = build_detector(size, num_classes=num_classes)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    graph = DeployModel(model.deploy(), PostProcessor(num_classes=num_classes)).eval()
+    return Built(graph, size, num_classes, checkpoint or "random weights")
+
+
+def _checkpoint_state(path: str) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        return {}
+    state = (ckpt.get("ema") or {}).get("module") or ckpt.get("model") or ckpt
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _checkpoint_num_classes(path: str) -> int:
+    """Number of classes from the encoder score head of a checkpoint (EMA or model state)."""
+    head = _checkpoint_state(path).get("decoder.enc_score_head.weight")
+    if head is None:
+        raise ValueError(f"{path}: no decoder.enc_score_head.weight to read the class count from; pass --num-classes")
+    return int(head.shape[0])
+
+
+def checkpoint_size(path: str) -> str:
+    """Detector size (s/m/l/x) of a checkpoint, from its tensor shapes."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    size = detect_size(_checkpoint_state(path))
+    if size is None:
+        raise ValueError(f"{path}: cannot tell the RT-DETRv4 size from its weights; pass --size")
+    return size
+
+
+def export_onnx_checked(built: Built, path: str | Path, image_size: int = 640, opset: int = 17,
+                        threads: int = 2) -> dict:
+    """Export to ONNX, check the interface, the absence of training-only parts and onnxruntime
+    parity with torch (batch 2, non-square original size) after postprocessing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # detector.deploy's own check compares outputs index by index; ours pairs near-tied top-k entries
+    export_onnx(built.graph.model, built.graph.postprocessor, path, size=image_size, opset=opset,
+                dynamic_batch=True, check=False)
+    summary = onnx_check.check_interface(path)
+    images, sizes = onnx_check.random_inputs(2, image_size, orig_size=(800, 600))
+    parity = onnx_check.compare_outputs(TorchBackend(built.graph).detections(images, sizes),
+                                         OnnxRuntimeBackend(path, threads=threads).detections(images, sizes),
+                                         reference="torch fp32 cpu", candidate="onnxruntime fp32 cpu")
+    parts = sorted(set(onnx_check.training_only_parts(path)) | set(training_only_modules(built.graph)))
+    return {"onnx": str(path), "graph": summary, "parity": parity.to_dict(),
+            "parity_ok": parity.max_abs_diff_boxes <= PARITY_TOL and parity.max_abs_diff_scores <= PARITY_TOL,
+            "training_only_parts": parts}
+
+
+def training_only_modules(module: nn.Module) -> list[str]:
+    """Parameter and buffer names of a torch module that belong to training-only parts (DSI projector, teacher)."""
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    return [n for n in names if any(p in n.lower() for p in onnx_check.TRAINING_ONLY)]
+
+
+def maybe_build_engine(onnx_path: str | Path, image_size: int, fp16: bool, max_batch: int = 32,
+                       cache_dir: str | Path | None = None, fp32_layers: tuple[str, ...] = (),
+                       tf32: bool = True) -> tuple[Path | None, str]:
+    """(engine path, message): builds when tensorrt and CUDA are usable, else (None, what is missing)."""
+    ok, why = tensorrt_status()
+    if not ok:
+        return None, f"no TensorRT engine: {why}"
+    spec = image_profile(image_size, max_batch=max_batch, fp16=fp16, tf32=tf32, fp32_layers=tuple(fp32_layers))
+    path = build_engine(onnx_path, spec, cache_dir=cache_dir)
+    return path, f"TensorRT {spec.precision} engine: {path} ({why})"

@@ -1,0 +1,114 @@
+"""AdamW with the released per-size parameter groups, and the flat-cosine LR schedule
+(official ``YAMLConfig.get_optim_params`` and ``FlatCosineLRScheduler``)."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from pipeline.train.recipe import Recipe
+
+
+def _named(model: nn.Module, extra: Mapping[str, nn.Module] | None) -> list[tuple[str, nn.Parameter]]:
+    model = model.module if hasattr(model, "module") else model   # DDP
+    named = list(model.named_parameters())
+    for prefix, mod in (extra or {}).items():
+        named += [(f"{prefix}.{n}", p) for n, p in mod.named_parameters()]
+    return named
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], recipe: Recipe) -> list[dict]:
+    """Official grouping: a parameter joins every group whose regex ``re.findall`` matches (in
+    order: backbone, norm); the rest form the last group (base lr / base wd). Each group carries a
+    ``name`` and the parameter names in ``param_names`` for logging. A parameter matched by both
+    regexes is an error, as it is for torch.optim in the official code. Frozen parameters
+    (requires_grad False, e.g. the decoder's ``up``/``reg_scale``) are left out, as officially."""
+    named = [(n, p) for n, p in named if p.requires_grad]
+    specs = [("backbone", recipe.backbone_regex, dict(lr=recipe.backbone_lr)),
+             ("norm", recipe.norm_regex, dict(weight_decay=0.0))]
+    groups, seen = [], {}
+    for gname, pattern, opts in specs:
+        sel = [(n, p) for n, p in named if re.findall(pattern, n)]
+        for n, _ in sel:
+            if n in seen:
+                raise ValueError(f"parameter {n} matches both the {seen[n]} and {gname} group regexes")
+            seen[n] = gname
+        groups.append(dict(params=[p for _, p in sel], param_names=[n for n, _ in sel], name=gname, **opts))
+    rest = [(n, p) for n, p in named if n not in seen]
+    groups.append(dict(params=[p for _, p in rest], param_names=[n for n, _ in rest], name="rest"))
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, extra: Mapping[str, nn.Module] | None = None,
+                    **adamw_kwargs) -> torch.optim.AdamW:
+    """AdamW(lr, betas, weight_decay from the recipe) over ``model`` plus training-only modules
+    named by ``extra`` (e.g. ``{"encoder.feature_projector": dsi.feature_projector}`` so the DSI
+    projector is grouped exactly as in the official model, where it lives under the encoder)."""
+    groups = param_groups(_named(model, extra), recipe)
+    for g in groups:
+        g["initial_lr"] = g.get("lr", recipe.lr)
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay,
+                             **adamw_kwargs)
+
+
+def flat_cosine_lr(it: int, base: float, *, total_iter: int, warmup_iter: int, flat_iter: int,
+                   no_aug_iter: int, lr_gamma: float) -> float:
+    """Quadratic warm-up base*(it/warmup)^2 for it <= warmup, flat base until flat_iter, cosine to
+    lr_gamma*base until total-no_aug, then constant (official ``flat_cosine_schedule``)."""
+    min_lr = base * lr_gamma
+    if it <= warmup_iter:
+        return base * (it / float(warmup_iter)) ** 2
+    if it <= flat_iter:
+        return base
+    if it >= total_iter - no_aug_iter:
+        return min_lr
+    frac = (it - flat_iter) / (total_iter - flat_iter - no_aug_iter)
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class FlatCosineSchedule:
+    """Per-iteration schedule for every param group from its ``initial_lr``. The official trainer
+    calls ``step(global_iter)`` right AFTER the optimizer step of ``global_iter`` (so iteration i
+    trains with lr(i-1)); do the same to reproduce it exactly. Construction sets lr(0) = 0 for
+    iteration 0 (official: base/500 from a LinearWarmup object that is never stepped again)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, iters_per_epoch: int, epochs: int,
+                 flat_epoch: int, no_aug_epoch: int, warmup_iter: int = 2000, lr_gamma: float = 0.5):
+        self.optimizer = optimizer
+        self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        self.total_iter = int(iters_per_epoch * epochs)
+        self.flat_iter = int(iters_per_epoch * flat_epoch)
+        self.no_aug_iter = int(iters_per_epoch * no_aug_epoch)
+        self.warmup_iter = warmup_iter
+        self.lr_gamma = lr_gamma
+        self.last_iter = -1
+        for g, base in zip(optimizer.param_groups, self.base_lrs):
+            g["lr"] = self.lr_at(0, base)
+
+    @classmethod
+    def from_recipe(cls, optimizer, recipe: Recipe, iters_per_epoch: int) -> "FlatCosineSchedule":
+        return cls(optimizer, iters_per_epoch, recipe.epochs, recipe.flat_epoch, recipe.no_aug_epoch,
+                   recipe.warmup_iter, recipe.lr_gamma)
+
+    def lr_at(self, it: int, base: float) -> float:
+        return flat_cosine_lr(it, base, total_iter=self.total_iter, warmup_iter=self.warmup_iter,
+                              flat_iter=self.flat_iter, no_aug_iter=self.no_aug_iter, lr_gamma=self.lr_gamma)
+
+    def step(self, it: int) -> None:
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = self.lr_at(it, base)
+        self.last_iter = it
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.last_iter >= 0:
+            self.step(self.last_iter)

@@ -1,0 +1,55 @@
+"""Training checkpoints that restore everything a resumed run needs to reproduce the
+uninterrupted run: model, EMA, DSI projector, optimizer, AMP scaler, schedule position, GAM
+state, data position (epoch, batch) and the RNG streams (torch, CUDA, numpy, python).
+
+The layout keeps the official top-level names (``model``, ``ema: {module, updates}``,
+``optimizer``, ``scaler``, ``last_epoch``) so ``detector.load_checkpoint`` and the official
+tools read the weights; the rest is ours. Writes are atomic (temp file + rename), so a job killed
+while saving leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detector.checkpoint import atomic_write
+
+FORMAT = "rtdetrv4-train-v1"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: dict, path: str | Path) -> Path:
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+    return Path(path)
+
+
+def load_train_state(path: str | Path, size: str) -> dict:
+    """Reads a training checkpoint for ``--resume``; refuses other formats and other sizes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint (the trainer writes <out>/last.pth)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"--resume {path}: not a training checkpoint of this project (no format={FORMAT!r}); "
+                         "to start from weights only use --finetune")
+    if state.get("size") != size:
+        raise ValueError(f"--resume {path}: checkpoint is for size {state.get('size')!r} but --size is {size!r}")
+    return state
