@@ -4,7 +4,7 @@ The real detector, criterion (weighted terms, denoising on), evaluation view (re
 /255), AdamW and the official gradient clipping (0.1) work together; the script prints the total loss
 (sum of all weighted terms) per step, the ratio of the first pass to the mean of the last two passes,
 the CPU seconds per step and COCO AP/AP50 on the same images before and after training
-(``pipeline.data.evaluate.CocoEvaluator``). ``tests/test_overfit.py`` runs the first 120 steps of the default.
+(``pipeline.data.evaluate.CocoEvaluator``). ``tests/detector/test_overfit.py`` runs the first 120 steps of the default.
 
     python benchmarks/overfit_taco.py --steps 400 --batch-size 2 --lr 4e-4
 """

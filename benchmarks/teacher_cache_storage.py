@@ -1,7 +1,7 @@
 """Bytes per view and fidelity per store dtype; random read of one view vs computing it online.
 
 On real TACO photographs at 640 (the official 20x20 grid): the teacher's fp32 grids are written to
-an int8 and a float16 store; we print bytes per view on disk (target <= 0.31 MB for 20x20x768
+an int8 and a float16 budget store and an int8 and an int4 exact store; we print bytes per view on disk (target <= 0.31 MB for 20x20x768
 int8), the per-token cosine of what a read returns against fp32, the bf16-teacher fidelity
 against fp32 (the precision rule: bf16 only if >= 0.999), and the time of a random single-view
 read against decoding + teacher forward of the same view.
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
-from teacher_cache.quantize import encode
+from teacher_cache.exact import ExactStore
+from teacher_cache.quantize import decode, encode
 from teacher_cache.store import Store
 from teacher_cache.teachers import bf16_fidelity, build_teacher
 from teacher_cache.views import ViewPlan
@@ -67,6 +68,16 @@ def main():
               f"({marker['bytes'] / (2 * n) / 1e6:.3f} MB; payload {store.bytes_per_view():,} B), "
               f"cosine to fp32 mean {cos.mean():.6f} min {cos.min():.6f}")
         stores[dtype] = store
+    for dtype in ("int8", "int4"):   # the exact store: one file per shard, CRC-32 per view
+        ex = ExactStore.create(str(tmp / f"exact_{dtype}"), teacher=teacher.fingerprint(), plan={}, plan_hash="bench",
+                               epochs=1, steps_per_epoch=1, global_batch=n, dataset_hash="bench",
+                               keys=[q.stem for q in paths], dtype=dtype, steps_per_shard=1)
+        tokens, scale = encode(grids, dtype)
+        nbytes = ex.write_shard(0, 0, [(0, i, i, tokens[i].numpy(), scale[i].numpy(), (h, w)) for i in range(n)])
+        back = torch.stack([decode(*ex.read(0, 0, i)) for i in range(n)])
+        cos = F.cosine_similarity(back, grids, dim=1)
+        print(f"exact {dtype:4s}: {nbytes / n:>11,.0f} B/view on disk ({nbytes / n / 1e6:.4f} MB; payload "
+              f"{ex.view_bytes((h, w)):,} B), cosine to fp32 mean {cos.mean():.6f} min {cos.min():.6f}")
     print(f"bf16 teacher vs fp32: mean per-token cosine {bf16_fidelity(teacher, images[:4]):.6f} "
           "(bf16 allowed when >= 0.999)")
     store = Store.open(str(tmp / "int8"))

@@ -10,6 +10,7 @@ buffers (regenerated, never loaded) and the training-only DSI projector
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -50,12 +51,39 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | Path) -> List[Path]:
+    """Delete ``.<name>.tmp-<pid>`` files of ``path`` (or of every file in the folder ``path``) left by a
+    process that was killed while writing (its pid no longer alive); returns the removed paths."""
+    path = Path(path)
+    pattern = ".*.tmp-*" if path.is_dir() else f".{path.name}.tmp-*"
+    folder = path if path.is_dir() else path.parent
+    removed = []
+    for tmp in folder.glob(pattern):
+        pid = tmp.name.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path):
     """Yield a binary file that replaces ``path`` only once fully written (temp file + rename), so an
-    interrupted write never leaves a truncated file; the one such helper of the project."""
+    interrupted write never leaves a truncated file; the one such helper of the project. Temp files
+    of ``path`` left by a killed writer are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -65,6 +93,61 @@ def atomic_write(path: str | Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _tensors(obj, prefix: str = ""):
+    """(key path, tensor) of every tensor nested in dicts / lists / tuples, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            if not (prefix == "" and k == "checksum"):
+                yield from _tensors(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def tensors_sha256(obj) -> str:
+    """sha256 over the key path, dtype, shape and bytes of every tensor in a checkpoint object."""
+    h = hashlib.sha256()
+    for key, t in _tensors(obj):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_verified(obj: dict, path: str | Path) -> Path:
+    """torch.save `obj` atomically with a "checksum" entry (tensors_sha256) that read_checkpoint checks."""
+    with atomic_write(path) as f:
+        torch.save({**obj, "checksum": {"tensors_sha256": tensors_sha256(obj)}}, f)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint"):
+    """torch.load with clear refusals naming `path`: missing file, not a PyTorch file, damaged or truncated
+    file (unreadable, or its tensors no longer match the stored checksum) and non-finite weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle / zip / EOF errors
+        raise ValueError(f"{what} {path}: cannot be read: not a PyTorch checkpoint, or damaged / truncated "
+                         f"({type(e).__name__}: {str(e)[:200]})") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("checksum"), Mapping):
+        want = obj["checksum"].get("tensors_sha256")
+        if want is not None and tensors_sha256(obj) != want:
+            raise ValueError(f"{what} {path}: damaged: its tensors do not match the checksum stored when it was "
+                             "written (a partial copy or a disk error); use another checkpoint")
+    weights = {k: obj[k] for k in ("model", "ema", "dsi") if k in obj} if isinstance(obj, Mapping) else {}
+    bad = [k for k, t in _tensors(weights or obj) if t.is_floating_point() and not bool(torch.isfinite(t).all())
+           and not k.endswith(REGENERATED)]   # the 640 anchor table holds inf for invalid anchors
+    if bad:
+        raise ValueError(f"{what} {path}: holds non-finite weights (NaN/Inf) in {len(bad)} tensor(s), e.g. "
+                         f"{bad[0].lstrip('/')}; it cannot be used (a diverged run: resume from an earlier one)")
+    return obj
 
 
 def detect_size(state: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -113,12 +196,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, dsi: Optional[torc
     path = str(path)
     if getattr(model, "deployed", False):
         raise RuntimeError("load_checkpoint needs the training form of the model; call deploy() after loading")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # pickle / zip errors: name the file and what was expected
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from e
+    obj = read_checkpoint(path)
     state, source = _extract_state(obj, path)
     state = _strip_module(state)
 
@@ -188,9 +266,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, dsi: Optional[torc
     cfg: DetectorConfig = model.cfg
     ckpt = {"format": FORMAT, "config": {k: v for k, v in asdict(cfg).items() if k != "pretrained_backbone"},
             "model": state, **extra}
-    with atomic_write(path) as f:
-        torch.save(ckpt, f)
-    return Path(path)
+    return save_verified(ckpt, path)
 
 
 def detector_from_checkpoint(path: str | Path, dsi: Optional[torch.nn.Module] = None, **overrides):
@@ -203,7 +279,7 @@ def detector_from_checkpoint(path: str | Path, dsi: Optional[torch.nn.Module] = 
     from .model import RTDETRv4, build_detector
 
     path = str(path)
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = read_checkpoint(path)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT and isinstance(obj.get("config"), Mapping):
         fields_ = {k: tuple(v) if isinstance(v, list) else v for k, v in obj["config"].items()}
         model = RTDETRv4(DetectorConfig(**{**fields_, **overrides}))

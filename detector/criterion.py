@@ -81,13 +81,13 @@ def _batch_idx(indices: Indices) -> tuple[Tensor, Tensor]:
 
 
 def _average_over_world(counts: list[int], device: torch.device) -> list[float]:
-    """Counts averaged over the DDP world, each clamped to >= 1: one all-reduce and one host sync."""
+    """Counts averaged over the DDP world, each clamped to >= 1: under DDP one all-reduce and one host
+    sync; on one process the counts are host integers already and nothing touches the device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [max(float(c), 1.0) for c in counts]
     t = torch.as_tensor(counts, dtype=torch.float, device=device)
-    world = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        world = dist.get_world_size()
-    return torch.clamp(t / world, min=1).tolist()
+    dist.all_reduce(t)
+    return torch.clamp(t / dist.get_world_size(), min=1).tolist()
 
 
 @dataclass
@@ -120,9 +120,10 @@ class Criterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
                  weight_dict: dict[str, float] | None = None, gamma: float = 1.5,
                  mal_alpha: float | None = None, reg_max: int = 32, use_uni_set: bool = True,
-                 ddf_temperature: float = 5.0):
+                 ddf_temperature: float = 5.0, check_labels: bool = True):
         super().__init__()
         self.num_classes = num_classes
+        self.check_labels = check_labels
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
         self.gamma, self.mal_alpha = gamma, mal_alpha
@@ -138,7 +139,8 @@ class Criterion(nn.Module):
             iou, _ = paired_iou_giou(out["pred_boxes"][idx], _matched_boxes(targets, indices))
         classes = torch.full(logits.shape[:2], logits.shape[-1], dtype=torch.int64, device=logits.device)
         classes[idx] = labels
-        onehot = F.one_hot(classes, logits.shape[-1] + 1)[..., :-1]
+        # == arange instead of F.one_hot, whose range check syncs on the CPU (the background column drops)
+        onehot = (classes.unsqueeze(-1) == torch.arange(logits.shape[-1], device=logits.device)).to(torch.int64)
         score = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
         score[idx] = iou.to(logits.dtype)
         target = (score.unsqueeze(-1) * onehot).pow(self.gamma)
@@ -192,7 +194,7 @@ class Criterion(nn.Module):
         bins, T = self.reg_max + 1, self.ddf_temperature
         pred = out["pred_corners"].reshape(-1, bins)
         teacher = out["teacher_corners"].reshape(-1, bins)
-        if torch.equal(pred, teacher):  # the last layer is its own teacher
+        if _same_memory(pred, teacher):  # the last layer is its own teacher
             return None
         weight = out["teacher_logits"].detach().sigmoid().max(dim=-1)[0]
         matched = torch.zeros_like(weight, dtype=torch.bool)
@@ -206,9 +208,14 @@ class Criterion(nn.Module):
             scale = 8 / out["pred_boxes"].shape[0]  # keeps the mix independent of the per-GPU batch
             cache.ddf_mix = ((matched.sum() * scale) ** 0.5, ((~matched).sum() * scale) ** 0.5)
         w_pos, w_neg = cache.ddf_mix
-        pos = loss[matched].mean() if matched.any() else 0
-        neg = loss[~matched].mean() if (~matched).any() else 0
-        return (pos * w_pos + neg * w_neg) / (w_pos + w_neg)
+        # masked means (0 for an empty group) instead of boolean indexing: no host sync
+        n_pos = matched.sum()
+        pos = torch.where(matched, loss, 0).sum() / n_pos.clamp(min=1)
+        neg = torch.where(matched, 0, loss).sum() / (matched.numel() - n_pos).clamp(min=1)
+        ddf = (pos * w_pos + neg * w_neg) / (w_pos + w_neg)
+        # official torch.equal skip (zero-initialised heads: every layer equals the teacher) decided on
+        # the device: the term is then an exact 0 instead of an absent key
+        return torch.where(torch.eq(pred, teacher).all(), torch.zeros_like(ddf), ddf)
 
     # ---------------------------------------------------------------------------------- forward
     def _layer(self, out: dict, targets: list[dict], cls_indices: Indices, box_indices: Indices,
@@ -230,10 +237,12 @@ class Criterion(nn.Module):
             enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
 
         to_dev = lambda ind: [(s.to(device), t.to(device)) for s, t in ind]  # noqa: E731
-        match_main = self.matcher(outputs, targets)
-        match_aux = [self.matcher(a, targets) for a in aux]
-        match_pre = self.matcher(pre, targets) if pre is not None else None
-        match_enc = [self.matcher(e, enc_targets) for e in enc]
+        # every layer's matching in one batch: one device-to-host copy of the costs per step
+        layers = [outputs, *aux, *([pre] if pre is not None else []), *enc]
+        matches = self.matcher.match_many(layers, [targets] * (len(layers) - len(enc)) + [enc_targets] * len(enc))
+        match_main, match_aux = matches[0], matches[1:1 + len(aux)]
+        match_pre = matches[1 + len(aux)] if pre is not None else None
+        match_enc = matches[len(layers) - len(enc):]
         go = union_indices([match_main, *match_aux, *([match_pre] if pre is not None else []), *match_enc])
 
         num_boxes, num_go = _average_over_world([sum(len(t["labels"]) for t in targets),
@@ -258,6 +267,8 @@ class Criterion(nn.Module):
             dn_num = num_boxes * outputs["dn_meta"]["dn_num_group"]
             dn_local = {**local, "is_dn": True}
             for i, out in enumerate(outputs["dn_outputs"]):
+                if i == len(outputs["dn_outputs"]) - 1:  # the dn teacher itself: no DDF (official)
+                    out = {k: v for k, v in out.items() if k not in ("teacher_corners", "teacher_logits")}
                 losses.update(self._layer(out, targets, dn_idx, dn_idx, dn_num, dn_num, f"_dn_{i}", dn_local))
             if "dn_pre_outputs" in outputs:
                 losses.update(self._layer(outputs["dn_pre_outputs"], targets, dn_idx, dn_idx, dn_num, dn_num,
@@ -270,10 +281,22 @@ class Criterion(nn.Module):
         if outputs["pred_logits"].shape[-1] != self.num_classes:
             raise ValueError(f"Criterion: pred_logits has {outputs['pred_logits'].shape[-1]} classes, "
                              f"criterion was built with num_classes={self.num_classes}")
-        labels = torch.cat([t["labels"] for t in targets])
-        if len(labels) and bool((labels < 0).any() | (labels >= self.num_classes).any()):
-            raise ValueError(f"Criterion: target labels outside 0..{self.num_classes - 1} (got "
-                             f"{labels.min().item()}..{labels.max().item()}); map class ids to contiguous 0..C-1")
+        if self.check_labels:
+            check_labels(targets, self.num_classes)
+
+
+def check_labels(targets: list[dict], num_classes: int) -> None:
+    """Raise if a target label is outside 0..num_classes-1 (one host sync for device tensors: the
+    trainer calls it on the loader's host batch and builds the criterion with check_labels=False)."""
+    labels = torch.cat([t["labels"] for t in targets])
+    if len(labels) and bool((labels < 0).any() | (labels >= num_classes).any()):
+        raise ValueError(f"Criterion: target labels outside 0..{num_classes - 1} (got "
+                         f"{labels.min().item()}..{labels.max().item()}); map class ids to contiguous 0..C-1")
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """a and b are views of the same memory (metadata only: no host sync, unlike torch.equal)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _matched_boxes(targets: list[dict], indices: Indices) -> Tensor:

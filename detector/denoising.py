@@ -71,8 +71,9 @@ def contrastive_denoising_group(
     negative = torch.zeros([bs, 2 * max_gt, 1], device=device)
     negative[:, max_gt:] = 1
     negative = negative.tile([1, num_group, 1])
-    positive = (1 - negative).squeeze(-1) * real
-    positive_idx = torch.nonzero(positive)[:, 1].split([n * num_group for n in num_gts])
+    # the positives of image i sit at g * 2M + j (group g, box j < n_i): built, not searched (no nonzero sync)
+    offsets = torch.arange(num_group, device=device)[:, None] * (2 * max_gt)
+    positive_idx = tuple((offsets + torch.arange(n, device=device)).flatten() for n in num_gts)
     num_dn = 2 * max_gt * num_group
 
     if label_noise_ratio > 0:

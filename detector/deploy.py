@@ -50,20 +50,49 @@ def export_onnx(model: nn.Module, postprocessor: nn.Module, path: str | Path, si
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = DeployModel(model, postprocessor).eval()
-    # batch 2 so that batch-dependent ops (anchor repeat) are traced as such
+    # a dynamic graph is traced at batch 2 so that batch-dependent ops (anchor repeat) are traced as such;
+    # a static one is a batch-1 graph
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, size, size, generator=g)
     sizes = torch.tensor([[size, size], [2 * size, size]], dtype=torch.int64)
+    if not dynamic_batch:
+        images, sizes = images[:1], sizes[:1]
     axes = {"images": {0: "N"}, "orig_target_sizes": {0: "N"}, "labels": {0: "N"}, "boxes": {0: "N"},
             "scores": {0: "N"}} if dynamic_batch else None
     with torch.no_grad():
         torch.onnx.export(net, (images, sizes), str(path), input_names=["images", "orig_target_sizes"],
                           output_names=["labels", "boxes", "scores"], dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
+    declare_output_shapes(path, net.postprocessor.num_top_queries, "N" if dynamic_batch else 1)
     diffs = {}
     if check:
-        diffs = check_onnx(net, path, images if dynamic_batch else images[:2], sizes)
+        diffs = check_onnx(net, path, images, sizes)
     return ExportReport(path=path, size=size, opset=opset, max_abs_diff=diffs)
+
+
+def declare_output_shapes(path: Path, k: int, batch: str | int) -> None:
+    """Declare labels [batch,K], boxes [batch,K,4], scores [batch,K] on the graph outputs of `path`.
+
+    The TorchScript exporter names its own symbols for the top-k axis and even puts the batch symbol
+    on the box axis (`[N, GatherElementsboxes_dim_1, N]`), and onnx shape inference cannot recover
+    them through the decoder's computed reshapes; serving tools and engine builders read these
+    declarations. strict shape inference afterwards checks they agree with every inferable node.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    want = {"labels": [batch, k], "boxes": [batch, k, 4], "scores": [batch, k]}
+    for out in proto.graph.output:
+        shape = out.type.tensor_type.shape
+        shape.ClearField("dim")
+        for d in want[out.name]:
+            dim = shape.dim.add()
+            if isinstance(d, str):
+                dim.dim_param = d
+            else:
+                dim.dim_value = d
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    onnx.save(proto, str(path))
 
 
 def check_onnx(net: nn.Module, path: Path, images: torch.Tensor, sizes: torch.Tensor) -> dict:

@@ -5,10 +5,11 @@ GAM watches how much of the gradient L1 mass lands in the AIFI layer (parameters
 ``encoder.encoder.*``) and, once per epoch, moves the DSI loss weight lambda so that share stays
 inside a per-size band [rho - delta, rho + delta] (in %).
 
-``rule="released"`` reproduces the released update exactly (see :func:`released_update`).
-``rule="proportional"`` is a plain ratio rule ``lambda * rho / p`` with the same clamps; it is our
-reading of the paper's description ("adjusts the intensity of semantic transfer based on gradient
-norm ratios"); the paper's Eq. 11 text was not available to check it against.
+When the share p leaves the band, lambda moves so that the share heads for the FAR band edge
+(p below the band: toward rho + delta; above it: toward rho - delta), in both rules:
+``rule="released"`` reproduces the released update exactly (see :func:`released_update`), an
+odds-ratio step; ``rule="paper"`` is the paper's Eq. 11, lambda * (rho + delta) / p below the band and
+lambda * (rho - delta) / p above it (shares in %), without the released code's clamps.
 
 Fixed relative to the released code:
   * works with and without DDP (``module.`` / ``_orig_mod.`` prefixes are stripped first);
@@ -39,7 +40,7 @@ class GAMConfig:
     delta: float            # tolerance, % points
     default_weight: float   # used when the share is ~0 and for every epoch >= stop_epoch
     stop_epoch: int | None = None
-    rule: Literal["released", "proportional"] = "released"
+    rule: Literal["released", "paper"] = "released"
     skip_nonfinite: bool = False   # False = released: an overflow step counts as share 0
 
     @classmethod
@@ -60,9 +61,10 @@ GAM_SIZES = {
 
 def released_update(p: float, lam: float, epoch: int, cfg: GAMConfig) -> tuple[float, str]:
     """One end-of-epoch update; ``p`` is the epoch-mean AIFI share in %. First matching case:
-    p < 1e-6 -> default; epoch >= stop_epoch -> default; p outside the band -> odds-ratio step
-    toward the NEAREST band edge t: ratio = t(1-p) / (p(1-t)) (fractions), ratio >= 0.1, result
-    clamped to [lam/10, 10 lam], only if lam > 1e-6; otherwise unchanged."""
+    p < 1e-6 -> default; epoch >= stop_epoch -> default; p outside the band, only if lam > 1e-6 ->
+    a step toward the FAR band edge t (t = rho + delta when p < rho - delta, else rho - delta):
+    released: odds ratio t(1-p) / (p(1-t)) (fractions), ratio >= 0.1, result clamped to
+    [lam/10, 10 lam]; paper (Eq. 11): lam * t / p; otherwise unchanged."""
     if p < 1e-6:
         return cfg.default_weight, "reset_to_default_zero_grad"
     if cfg.stop_epoch is not None and epoch >= cfg.stop_epoch:
@@ -71,16 +73,15 @@ def released_update(p: float, lam: float, epoch: int, cfg: GAMConfig) -> tuple[f
     if lo <= p <= hi or lam <= 1e-6:
         return lam, "unchanged"
     target = hi if p < lo else lo
-    if cfg.rule == "released":
-        pc, pt = p / 100.0, target / 100.0
-        den = pc * (1.0 - pt)
-        if abs(den) < 1e-9:
-            return lam, "unchanged"
-        ratio = pt * (1.0 - pc) / den
-    else:
-        target = cfg.rho
-        ratio = target / p
-    ratio = max(ratio, 0.1)
+    if cfg.rule == "paper":
+        return lam * target / p, f"adjusted_to_{target:.2f}%"
+    if cfg.rule != "released":
+        raise ValueError(f"unknown GAM rule {cfg.rule!r}; choose 'released' or 'paper' (--gam-rule)")
+    pc, pt = p / 100.0, target / 100.0
+    den = pc * (1.0 - pt)
+    if abs(den) < 1e-9:
+        return lam, "unchanged"
+    ratio = max(pt * (1.0 - pc) / den, 0.1)
     return min(max(lam * ratio, lam / 10.0), lam * 10.0), f"adjusted_to_{target:.2f}%"
 
 

@@ -4,7 +4,7 @@ timm's HighPerfGpuNet is the same network as the official engine/backbone/hgnetv
 HG stages with 'se' aggregation, light blocks in stages 3-4, learnable affine blocks for B0-B3) and
 its `stem.*` / `stages.*` module names equal the official state-dict keys, so official checkpoints
 load by name. Only the classifier head is dropped, and drop-path is off (the official model has none).
-Checked numerically against the official module in tests/test_detector_parity.py.
+Checked numerically against the official module in tests/detector/test_detector_parity.py.
 """
 from __future__ import annotations
 

@@ -13,7 +13,19 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A biased conv equal to bn(conv(x)) in eval mode, with the official formula
+    t = gamma / sqrt(var + eps), bias = beta - mean * gamma / sqrt(var + eps)
+    (engine/rtv4/hybrid_encoder.py _fuse_bn_tensor). torch's fuse_conv_bn_eval uses rsqrt and another
+    product order, which differs by an ulp: enough to reorder near-tied queries of the deployed model."""
+    std = (bn.running_var + bn.eps).sqrt()
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True).to(conv.weight)
+    fused.weight.copy_(conv.weight * (bn.weight / std).reshape(-1, 1, 1, 1))
+    fused.bias.copy_(bn.bias - bn.running_mean * bn.weight / std)
+    return fused
 
 
 def _act(name: str | None) -> nn.Module:
@@ -35,7 +47,7 @@ class ConvNorm(nn.Module):
     @torch.no_grad()
     def fuse(self) -> None:
         if isinstance(self.norm, nn.BatchNorm2d):
-            self.conv = fuse_conv_bn_eval(self.conv.eval(), self.norm.eval())
+            self.conv = fold_bn(self.conv, self.norm)
             self.norm = nn.Identity()
 
 
@@ -58,8 +70,8 @@ class RepVGGBlock(nn.Module):
     def fuse(self) -> None:
         if hasattr(self, "conv"):
             return
-        k3 = fuse_conv_bn_eval(self.conv1.conv.eval(), self.conv1.norm.eval())
-        k1 = fuse_conv_bn_eval(self.conv2.conv.eval(), self.conv2.norm.eval())
+        k3 = fold_bn(self.conv1.conv, self.conv1.norm)
+        k1 = fold_bn(self.conv2.conv, self.conv2.norm)
         k3.weight += F.pad(k1.weight, [1, 1, 1, 1])
         k3.bias += k1.bias
         self.conv = k3

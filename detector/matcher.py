@@ -1,7 +1,7 @@
 """Hungarian matcher of DETR with the focal-loss class cost used by D-FINE/DEIM/RT-DETRv4.
 
 Cost = cost_class * focal + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU), solved per image with
-scipy's ``linear_sum_assignment`` on the CPU (official ``HungarianMatcher`` with
+scipy's ``linear_sum_assignment`` on the CPU, all decoder layers' costs copied to the host at once (official ``HungarianMatcher`` with
 ``use_focal_loss=True``; defaults are the official 2 / 5 / 2 weights, alpha 0.25, gamma 2).
 """
 from __future__ import annotations
@@ -34,6 +34,21 @@ class HungarianMatcher(nn.Module):
         Returns, per image, ``(query_idx, target_idx)`` int64 CPU tensors of length
         min(Q, num_targets).
         """
+        return self.match_many([outputs], [targets])[0]
+
+    @torch.no_grad()
+    def match_many(self, outputs: list[dict[str, Tensor]], targets: list[list[dict[str, Tensor]]]) -> list[Indices]:
+        """``[forward(o, t) for o, t in zip(outputs, targets)]`` with one device-to-host copy for all
+        layers (the costs are computed on the device and stacked) instead of one per layer."""
+        costs = [self._cost(o, t) for o, t in zip(outputs, targets)]
+        if len({c.shape for c in costs}) == 1:
+            host = torch.stack(costs).cpu().unbind(0)
+        else:  # layers with different query counts: one copy of the flattened costs
+            host = torch.cat([c.flatten() for c in costs]).cpu().split([c.numel() for c in costs])
+            host = [h.view(c.shape) for h, c in zip(host, costs)]
+        return [self._assign(c, t) for c, t in zip(host, targets)]
+
+    def _cost(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
         bs, num_queries = outputs["pred_logits"].shape[:2]
         prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
         out_bbox = outputs["pred_boxes"].flatten(0, 1)
@@ -50,8 +65,10 @@ class HungarianMatcher(nn.Module):
 
         # Same summation order as the official code, so near-ties resolve identically.
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        cost = torch.nan_to_num(cost.view(bs, num_queries, -1).cpu(), nan=1.0)
+        return torch.nan_to_num(cost.view(bs, num_queries, -1), nan=1.0)
 
+    @staticmethod
+    def _assign(cost: Tensor, targets: list[dict[str, Tensor]]) -> Indices:
         sizes = [len(t["boxes"]) for t in targets]
         indices = []
         for i, c in enumerate(cost.split(sizes, -1)):

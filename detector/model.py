@@ -6,6 +6,7 @@ outputs carry "aifi_feature" (F5) for detector/dsi.py instead.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -39,6 +40,7 @@ class RTDETRv4(nn.Module):
             box_noise_scale=cfg.box_noise_scale, eval_spatial_size=cfg.eval_spatial_size, eval_idx=cfg.eval_idx,
             eps=cfg.eps, reg_max=cfg.reg_max, reg_scale=cfg.reg_scale)
         self.deployed = False
+        self._range_checked = False
 
     @property
     def num_classes(self) -> int:
@@ -47,6 +49,9 @@ class RTDETRv4(nn.Module):
     def forward(self, images: torch.Tensor, targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict:
         if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             check_images(images)
+            if not (self.training and self._range_checked):   # training: the first batch only (a host sync)
+                self._range_checked = True
+                warn_on_range(images)
         fused, f5 = self.encoder(self.backbone(images))
         out = self.decoder(fused, targets)
         if self.training:
@@ -77,6 +82,23 @@ def check_images(images) -> None:
     if h % 32 or w % 32:
         raise ValueError(f"image height and width must be multiples of 32 (the stride-32 level), got {h}x{w}; "
                          "resize or pad, e.g. to 640x640")
+
+
+_warned_range = False
+
+
+def warn_on_range(images: torch.Tensor) -> None:
+    """Warn once per process when float images fall outside [0, 1] (e.g. 0-255 floats or mean/std
+    normalised inputs): the model normalises nothing itself, so it would run but detect poorly."""
+    global _warned_range
+    if _warned_range or images.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if lo < 0.0 or hi > 1.0:
+        _warned_range = True
+        hint = "divide 0-255 images by 255" if hi > 1.5 else "pass un-normalised images (no mean/std)"
+        warnings.warn(f"images hold values in [{lo:.3g}, {hi:.3g}], outside the [0, 1] the model expects: {hint}",
+                      stacklevel=3)
 
 
 def build_detector(size: str, num_classes: int = 80, **overrides) -> RTDETRv4:

@@ -2,7 +2,8 @@
 
 Scores are sigmoid(logits); the top `num_top_queries` (query, class) pairs over the flattened
 [Q x C] score matrix are kept, so one query can yield several labels. Boxes go from normalised cxcywh
-to xyxy pixels of the original image.
+to xyxy pixels of the original image, clipped to it (`clip_boxes`; the official code leaves boxes that
+overhang the image unclipped, `clip_boxes=False` reproduces it).
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -21,9 +22,10 @@ class PostProcessor(nn.Module):
     """
 
     def __init__(self, num_classes: int = 80, num_top_queries: int = 300,
-                 category_ids: Optional[Sequence[int]] = None):
+                 category_ids: Optional[Sequence[int]] = None, clip_boxes: bool = True):
         super().__init__()
         self.num_classes = int(num_classes)
+        self.clip_boxes = clip_boxes
         self.num_top_queries = num_top_queries
         self.deploy_mode = False
         if category_ids is not None and len(category_ids) != self.num_classes:
@@ -33,12 +35,15 @@ class PostProcessor(nn.Module):
                              persistent=False)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, num_top_queries={self.num_top_queries}"
+        return f"num_classes={self.num_classes}, num_top_queries={self.num_top_queries}, clip_boxes={self.clip_boxes}"
 
     def forward(self, outputs: Dict[str, torch.Tensor], orig_target_sizes: torch.Tensor
                 ) -> Union[List[Dict[str, torch.Tensor]], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        boxes = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy") * orig_target_sizes.repeat(1, 2).unsqueeze(1)
+        wh = orig_target_sizes.repeat(1, 2).unsqueeze(1)
+        boxes = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy") * wh
+        if self.clip_boxes:   # to [0, w] x [0, h] of each image (elementwise max/min: ONNX Max/Min)
+            boxes = torch.minimum(boxes.clamp(min=0), wh.to(boxes.dtype))
         scores, index = torch.topk(torch.sigmoid(logits).flatten(1), self.num_top_queries, dim=-1)
         # a - a // b * b instead of %, which older TensorRT versions do not parse (official).
         labels = index - index // self.num_classes * self.num_classes

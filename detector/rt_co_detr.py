@@ -6,7 +6,7 @@ Total = w_feat * sum_levels MSE(conv1x1(student_l), resize(teacher_l))
       + w_box * L1(student boxes, teacher boxes)               over paired queries
 with the reference's weights 1.0 / 0.8 / 1.2 and T = 4.
 
-Differences from the reference (see README_DIST.md):
+Differences from the reference (see docs/detector.md, section RT-CO-DETR):
   * queries are paired by Hungarian matching on the two models' predictions (class-probability
     L1 distance + box L1 + GIoU) instead of by index (``pairing="index"`` keeps the reference);
   * classes are aligned by an explicit teacher->student ``class_map`` instead of slicing the first
@@ -77,6 +77,52 @@ def align_teacher_logits(teacher_logits: Tensor, student_classes: int,
     return aligned, torch.tensor(targets, device=dev)
 
 
+def _norm_name(name: str) -> str:
+    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+
+
+def _is_named(name: str) -> bool:
+    """id2label placeholders (COCO's unused 'N/A' slots, transformers' default 'LABEL_k') name nothing."""
+    n = _norm_name(name)
+    return bool(n) and n != "n/a" and not (n.startswith("label ") and n[6:].isdigit())
+
+
+def resolve_class_map(spec, teacher_names: Sequence[str] | None, student_names: Sequence[str],
+                      teacher_columns: int) -> dict[int, int] | None:
+    """The teacher->student class map of ``--class-map``:
+
+    * ``None`` / ``"name"`` (default): teacher classes whose name (``id2label``) equals a student class
+      name (case, ``_`` and ``-`` ignored); a teacher without names keeps the identity (same label space);
+    * ``"slice"``: column k -> class k for the first K = min(C_s, C_t) columns, the authors' behaviour. With a
+      COCO teacher this misaligns: COCO detectors use 91 DETR-style category-id slots (column 0 is the
+      unused "N/A", column 1 "person", ...), so student class k learns from an unrelated COCO class;
+    * a dict (JSON): ``{teacher: student}``, each side a column index or a class name.
+    Student classes without a partner take no KL term."""
+    student_index = {_norm_name(n): i for i, n in enumerate(student_names)}
+    if spec == "slice":
+        return {k: k for k in range(min(teacher_columns, len(student_names)))}
+    if spec is None or spec == "name":
+        if teacher_names is None:
+            return None
+        mapping = {t: student_index[_norm_name(n)] for t, n in enumerate(teacher_names)
+                   if _is_named(n) and _norm_name(n) in student_index}
+        if not mapping:
+            raise ValueError("no teacher class name (id2label) equals a student class name: pass --class-map "
+                             "'{\"teacher class\": \"student class\", ...}' or --class-map slice (the authors' mapping)")
+        return mapping
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"--class-map must be name, slice or a JSON object, got {spec!r}")
+    teacher_index = {_norm_name(n): i for i, n in enumerate(teacher_names or []) if _is_named(n)}
+
+    def index(key, table, side):
+        if isinstance(key, int) or (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+            return int(key)
+        if _norm_name(key) not in table:
+            raise ValueError(f"--class-map: {side} class {key!r} is not a {side} class name")
+        return table[_norm_name(key)]
+    return {index(t, teacher_index, "teacher"): index(s, student_index, "student") for t, s in spec.items()}
+
+
 @torch.no_grad()
 def hungarian_pairs(s_prob: Tensor, s_boxes: Tensor, t_prob: Tensor, t_boxes: Tensor,
                     cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> tuple[Tensor, Tensor]:
@@ -108,6 +154,8 @@ class EncoderTap:
         self._handle = model.encoder.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
+        if hasattr(output, "last_hidden_state"):   # transformers RT-DETR(v2) HybridEncoder
+            output = output.last_hidden_state
         maps = output[0] if isinstance(output, tuple) else output
         self.maps = list(maps)
 

@@ -20,44 +20,47 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
+from pipeline.cli import parser
 
-from pipeline.deploy.graph import PARITY_TOL, build_deploy_graph, export_onnx_checked, maybe_build_engine
-from pipeline.deploy import report as rep
-from pipeline.deploy.backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
-from pipeline.deploy.compare import compare_detections, max_score
-from pipeline.deploy.inputs import list_images, read_image, to_inputs
-from pipeline.deploy.latency import busy_warning, device_info, measure, measure_interleaved
-from pipeline.deploy.trt_engine import tensorrt_status
-
-DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco_val" / "images"
+# torch, onnxruntime and the deploy runtime are imported inside the functions, after the flags are
+# parsed: --help answers without loading them.
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("jobs.benchmark_t4", __doc__)
     p.add_argument("--size", nargs="+", default=["all"], choices=["s", "m", "l", "x", "all"],
                    help="one or more sizes, or all")
     p.add_argument("--checkpoint", help="checkpoint for --size (random weights if omitted)")
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--student", default="rtdetrv4", choices=["rtdetrv4", "rtdetrv2_r50"],
+                   help="rtdetrv2_r50: RT-CO-DETR's RT-DETR-L (RT-DETRv2-R50vd) instead of the --size models")
+    p.add_argument("--student-weights", help="rtdetrv2_r50: local transformers directory (random weights if omitted)")
+    p.add_argument("--num-classes", type=int, help="None: read from the checkpoint, else 80")
     p.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime", "torch", "all"],
                    help="tensorrt falls back to onnxruntime + torch when tensorrt or CUDA is missing")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
-                   help="TensorRT fp16 engine; also a torch autocast row (fp16 on GPU, bf16 on CPU)")
+                   help="TensorRT fp16 engine; also a torch autocast row (fp16 on GPU; bf16 on a CPU with native bf16 "
+                        "where it measures faster, else skipped with a note)")
+    p.add_argument("--cpu-bf16", choices=["auto", "on", "off"], default="auto",
+                   help="torch bf16 row on a CPU: auto = only with native bf16 (AMX / AVX512-BF16) where one timed "
+                        "call is faster than fp32")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=640)
+    p.add_argument("--batch", type=int, default=1, help="images per timed call")
+    p.add_argument("--image-size", type=int, default=640, help="network input size")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for onnxruntime and torch")
-    p.add_argument("--warmup", type=int, help="default 200 on GPU, 3 on CPU")
-    p.add_argument("--iters", type=int, help="default 1000 on GPU, 20 on CPU")
-    p.add_argument("--images", default=str(DEFAULT_IMAGES),
-                   help="real images for the fp16-vs-fp32 detection check (default: the TACO sample)")
-    p.add_argument("--n-images", type=int, default=8)
+    p.add_argument("--warmup", type=int, help="untimed calls per backend (None: 200 on GPU, 3 on CPU)")
+    p.add_argument("--iters", type=int, help="timed calls per backend (None: 1000 on GPU, 20 on CPU)")
+    p.add_argument("--images", default=None,
+                   help="folder of real images for the fp16-vs-fp32 detection check (None: the embedded dataset's "
+                        "val images)")
+    p.add_argument("--n-images", type=int, default=8, help="images in the detection check")
     p.add_argument("--score-thr", type=float, default=0.5, help="detections compared in the fp16 check")
     p.add_argument("--ap", help="COCO AP per size for the plot: s=49.8,l=55.4 or a JSON file")
     p.add_argument("--fp32-layers", nargs="*", default=[], help="TensorRT layers pinned to fp32")
-    p.add_argument("--out", default="bench")
+    p.add_argument("--out", default="bench", help="folder for report.json, report.md, the ONNX files")
     args = p.parse_args(argv)
     args.sizes = ["s", "m", "l", "x"] if "all" in args.size else list(dict.fromkeys(args.size))
+    if args.student == "rtdetrv2_r50":
+        args.sizes = ["rtdetrv2_r50"]
     if args.checkpoint and len(args.sizes) != 1:
         p.error("--checkpoint needs exactly one --size (s, m, l or x)")
     return args
@@ -65,6 +68,10 @@ def parse_args(argv=None):
 
 def availability(want_backend: str) -> tuple[bool, list[dict]]:
     """(tensorrt usable, list of what is unavailable and why); prints the fallback when tensorrt was asked for."""
+    import torch
+
+    from pipeline.deploy.trt_engine import tensorrt_status
+
     trt_ok, trt_why = tensorrt_status()
     missing = []
     if not torch.cuda.is_available():
@@ -79,8 +86,28 @@ def availability(want_backend: str) -> tuple[bool, list[dict]]:
     return trt_ok, missing
 
 
-def backends_for(args, built, onnx_path, trt_ok) -> list:
+def cpu_bf16_row(args, fp32, bf16, report) -> bool:
+    """Whether to time a torch bf16 row on the CPU (--cpu-bf16 auto: only with native bf16 where it
+    measures faster on one timing call; the reason is printed and kept in the report)."""
+    if args.cpu_bf16 != "auto":
+        return args.cpu_bf16 == "on"
+    from teacher_cache.bf16 import cpu_bf16_choice
+
+    feed = fp32.prepare(*_timing_batch(None, args))
+    choice = cpu_bf16_choice(lambda: fp32.infer(*feed), lambda: bf16.infer(*feed), what="torch CPU row", reps=1)
+    print(f"  {choice.note}")
+    if not choice.use and report is not None:
+        report["unavailable"].append({"what": "torch bf16 cpu", "reason": choice.note})
+    return choice.use
+
+
+def backends_for(args, built, onnx_path, trt_ok, report=None) -> list:
     """The backends to time, each labelled; TensorRT only when it exists."""
+    import torch
+
+    from pipeline.deploy.backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+    from pipeline.deploy.graph import maybe_build_engine
+
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     want = args.backend
@@ -97,9 +124,12 @@ def backends_for(args, built, onnx_path, trt_ok) -> list:
     if want in ("onnxruntime", "all") or fallback:
         out.append(OnnxRuntimeBackend(onnx_path, threads=args.threads, device="cpu"))
     if want in ("torch", "all") or fallback:
-        out.append(TorchBackend(built.graph, dev, "fp32"))
-        if args.fp16:
-            out.append(TorchBackend(built.graph, dev, "fp16" if cuda else "bf16"))
+        fp32 = TorchBackend(built.graph, dev, "fp32")
+        out.append(fp32)
+        if args.fp16 and cuda:
+            out.append(TorchBackend(built.graph, dev, "fp16"))
+        elif args.fp16 and cpu_bf16_row(args, fp32, TorchBackend(built.graph, dev, "bf16"), report):
+            out.append(TorchBackend(built.graph, dev, "bf16"))
         if args.compile:
             out.append(TorchBackend(built.graph, dev, "fp32", compile=True))
     return out
@@ -108,6 +138,7 @@ def backends_for(args, built, onnx_path, trt_ok) -> list:
 def count_gflops(graph, image_size: int) -> float:
     """Conv/matmul GFLOPs (2 x MACs, torch.utils.flop_counter) at batch 1; grid_sample and
     element-wise ops are not counted (as with calflops, which reports 25.17 for S)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.rand(1, 3, image_size, image_size)
     sizes = torch.tensor([[image_size, image_size]])
@@ -116,7 +147,13 @@ def count_gflops(graph, image_size: int) -> float:
     return fc.get_total_flops() / 1e9
 
 
-def real_images(args) -> tuple[torch.Tensor, torch.Tensor] | None:
+def real_images(args):
+    """(images, sizes) of up to --n-images real images for the detection check, or None."""
+    from pipeline.deploy.inputs import list_images, read_image, to_inputs
+
+    if args.images is None:
+        from pipeline.data.synthetic import ensure_generated
+        args.images = str(ensure_generated("val") / "val")
     src = Path(args.images)
     if not src.exists():
         return None
@@ -126,6 +163,8 @@ def real_images(args) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def divergence_checks(size, backends, batch, args, report):
     """Reduced-precision backends against the fp32 backend of the same family on real images."""
+    from pipeline.deploy.compare import compare_detections, max_score
+
     if batch is None:
         report["warnings"].append(f"{size.upper()}: fp16 detection check skipped: no images at {args.images}")
         return
@@ -154,6 +193,12 @@ def divergence_checks(size, backends, batch, args, report):
 
 
 def run(args) -> dict:
+    import torch
+
+    from pipeline.deploy import report as rep
+    from pipeline.deploy.graph import PARITY_TOL, build_deploy_graph, build_rtdetrv2_graph, export_onnx_checked
+    from pipeline.deploy.latency import busy_warning, device_info
+
     cuda = torch.cuda.is_available()
     torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else (200 if cuda else 3)
@@ -172,7 +217,8 @@ def run(args) -> dict:
     images = real_images(args)
     for size in args.sizes:
         print(f"[{size.upper()}] building deploy model ({args.checkpoint or 'random weights'})")
-        built = build_deploy_graph(size, args.checkpoint, args.num_classes)
+        built = (build_rtdetrv2_graph(args.student_weights, args.num_classes) if size == "rtdetrv2_r50"
+                 else build_deploy_graph(size, args.checkpoint, args.num_classes))
         info = export_onnx_checked(built, out / "onnx" / f"rtdetrv4_{size}.onnx", args.image_size, threads=args.threads)
         params = sum(p.numel() for p in built.graph.parameters())
         report["models"][size] = {"source": built.source, "num_classes": built.num_classes, "params": params,
@@ -183,11 +229,17 @@ def run(args) -> dict:
         print(f"  params {params / 1e6:.2f} M, GFLOPs {report['models'][size]['gflops']:.2f}, "
               f"training-only parts: {info['training_only_parts'] or 'none'}; onnxruntime vs torch max diff "
               f"boxes {info['parity']['max_abs_diff_boxes']:.1e}, scores {info['parity']['max_abs_diff_scores']:.1e}")
+        if size == "rtdetrv2_r50":
+            from detector.rtdetrv2_student import PAPER_GFLOPS, PAPER_PARAMS_M
+            report["models"][size].update(paper_params_m=PAPER_PARAMS_M, paper_gflops=PAPER_GFLOPS)
+            print(f"  RT-CO-DETR paper (RT-DETR-L = RT-DETRv2-R50vd): {PAPER_PARAMS_M} M params, {PAPER_GFLOPS} GFLOPs; "
+                  f"ours: {params / 1e6:.2f} M ({params / 1e6 / PAPER_PARAMS_M:.3f}x), "
+                  f"{report['models'][size]['gflops']:.2f} GFLOPs ({report['models'][size]['gflops'] / PAPER_GFLOPS:.3f}x)")
         if not info["parity_ok"]:
             report["warnings"].append(f"{size.upper()}: onnxruntime differs from torch by more than {PARITY_TOL}")
         if info["training_only_parts"]:
             report["warnings"].append(f"{size.upper()}: training-only parts in the deploy graph: {info['training_only_parts']}")
-        backends = backends_for(args, built, info["onnx"], trt_ok)
+        backends = backends_for(args, built, info["onnx"], trt_ok, report)
         timing_images, timing_sizes = _timing_batch(images, args)
         for b, stats in time_backends(backends, timing_images, timing_sizes, warmup, iters, args.batch).items():
             on_gpu = b.device.startswith("cuda")
@@ -195,10 +247,10 @@ def run(args) -> dict:
                                       "device": f"cuda: {device['gpu']}" if on_gpu else f"cpu: {device['cpu']}",
                                       "label": b.label, "batch": args.batch, "image_size": args.image_size,
                                       "threads": args.threads if not on_gpu else None,
-                                      "latency": stats.to_dict(), "paper_t4_ms": rep.PAPER_T4_MS[size]})
+                                      "latency": stats.to_dict(), "paper_t4_ms": rep.PAPER_T4_MS.get(size)})
             print(f"  {b.label} ({device['gpu'] if on_gpu else device['cpu']}): mean {stats.mean_ms:.2f} ms, "
                   f"median {stats.median_ms:.2f}, p90 {stats.p90_ms:.2f}, {stats.fps:.1f} FPS "
-                  f"(paper T4 TRT-FP16: {rep.PAPER_T4_MS[size]} ms)")
+                  f"(paper T4 TRT-FP16: {rep.PAPER_T4_MS.get(size, '-')} ms)")
         divergence_checks(size, backends, images, args, report)
         del built, backends
     busy = busy_warning(device_info(cuda))  # load at the end, after the timed runs
@@ -212,6 +264,8 @@ def run(args) -> dict:
 def time_backends(backends, images, sizes, warmup, iters, batch) -> dict:
     """GPU backends one after the other with CUDA events (as the official benchmark); CPU backends
     round-robin, so that load from other processes affects them alike."""
+    from pipeline.deploy.latency import measure, measure_interleaved
+
     feeds = {b: b.prepare(images, sizes) for b in backends}
     stats = {}
     for b in backends:
@@ -226,6 +280,8 @@ def time_backends(backends, images, sizes, warmup, iters, batch) -> dict:
 
 
 def _timing_batch(images, args):
+    import torch
+
     if images is None:
         g = torch.Generator().manual_seed(0)
         x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g)
@@ -235,6 +291,8 @@ def _timing_batch(images, args):
 
 
 def write_outputs(report: dict, out: Path, ap: dict) -> dict:
+    from pipeline.deploy import report as rep
+
     rep.write_json(report, out / "report.json")
     (out / "report.md").write_text(rep.to_markdown(report))
     written = [out / "report.json", out / "report.md"]

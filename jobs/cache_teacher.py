@@ -1,11 +1,21 @@
-"""Precompute teacher features for every planned augmented view into a sharded Zarr store.
+"""Precompute the teacher's targets of a training run into a store.
 
-    python -m jobs.cache_teacher --vfm dinov3_vitb [--data SRC] [--out STORE] [--views K]
-        [--weights PATH] [--address RAY_ADDRESS] [--verify]
+    python -m jobs.cache_teacher --vfm dinov3_vitb [--data SRC] [--out STORE] [--size l] [--epochs N]
+        [--global-batch 32] [--weights PATH] [--address RAY_ADDRESS] [--verify [N]] [--views K]
+
+Exact mode (the default): every step of the run's training plan (pipeline/data/plan.py) is
+rendered as the trainer will render it (decode, augment, collate, multi-scale resize, MixUp) and
+the teacher's output for each (epoch, sample) is stored at that step's grid, epoch by epoch, so a
+run can train behind the job. The store is keyed by the plan (dataset, recipe, seed, global
+batch, MixUp group), so every run with that plan shares it, whatever its student or world size.
+
+Budget mode (--views K): K cached views per augmented phase, replayed across the phase's epochs;
+it departs from the recipe (about 2 + 2K distinct views per image instead of a fresh draw each
+epoch; grids resized to the multi-scale size; MixUp batches run the online teacher).
 
 Runs on a local Ray cluster by default, on an existing one with --address (every node must see
 --data, --weights and --out: use shared paths or an fsspec URL for --out). Re-running the same
-command resumes: complete shards are skipped. See README_CACHE.md.
+command resumes: complete shards are skipped. See docs/cache.md.
 """
 from __future__ import annotations
 
@@ -13,29 +23,19 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from pipeline.data.dataset import DatasetError
-from pipeline.data.load import load_dataset
-from pipeline.data.policy import AugPolicy
-from pipeline.data.views import Renderer
-from pipeline.train.recipe import RECIPES, resolve_recipe
-from teacher_cache.precompute import TeacherSpec, pending_shards, precompute, verify
-from teacher_cache.store import Store, StoreError
-from teacher_cache.teachers import WeightsError, build_teacher, choose_precision, resolve_arch
-from teacher_cache.views import ViewPlan
+from pipeline.cli import parser
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("jobs.cache_teacher", __doc__)
     p.add_argument("--vfm", default="dinov3_vitb", help="teacher: dinov3_vit{s,b,l,h_plus}, "
                    "dinov3_convnext_*, dinov2_vit*_reg, or any timm model name")
     p.add_argument("--weights", help="local weights: Meta's DINOv3 .pth or a timm/HF .safetensors "
@@ -43,35 +43,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help='extra timm create_model kwargs as JSON, e.g. \'{"depth": 2}\' (tests)')
     p.add_argument("--data", default="synthetic", help="YOLO dir, COCO json/dir, or 'synthetic'")
-    p.add_argument("--split", default="train")
-    p.add_argument("--out", help="store path or fsspec URL (default: cache/<vfm>_k<K>_<size>)")
-    p.add_argument("--views", type=int, default=4, help="cached views per augmented phase (K)")
-    p.add_argument("--size", choices=sorted(RECIPES), default="l",
+    p.add_argument("--train-split", "--split", dest="split", default="train",
+                   help="the split jobs.train trains on (its --train-split): a YOLO yaml key or a COCO split")
+    p.add_argument("--out", help="store path or fsspec URL (None: cache/<vfm>_<size>_<input-size>_<plan hash>, "
+                   "budget mode cache/<vfm>_k<K>_<input-size>)")
+    p.add_argument("--views", type=int, help="BUDGET MODE: K cached views per augmented phase, replayed "
+                   "(departs from the recipe: fewer distinct views, resized grids, MixUp online). "
+                   "None: exact mode, every step of the training plan")
+    p.add_argument("--global-batch", type=int, help="exact mode: the runs' total batch, per-rank --batch-size x "
+                   "world size (None: the recipe's, 32)")
+    p.add_argument("--mixup-group", type=int, help="exact mode: the runs' MixUp group (jobs.train --mixup-group, which "
+                   "defaults to min(4, per-rank batch); None: min(4, global batch))")
+    p.add_argument("--steps-per-shard", type=int, default=8, help="exact mode: global steps per shard file")
+    p.add_argument("--only-epochs", type=int, nargs="+", metavar="E", help="exact mode: precompute only these "
+                   "epochs (e.g. split the run over several jobs); None: every epoch, in order")
+    p.add_argument("--size", choices=["s", "m", "l", "x"], default="l",
                    help="model size whose stop-epoch policy the views follow")
-    p.add_argument("--epochs", type=int, help="the trainer's --epochs (a shortened recipe has other phases)")
+    p.add_argument("--epochs", type=int, help="the trainer's --epochs (None: the size's recipe; a shortened "
+                   "recipe has other phases)")
     p.add_argument("--policy-epochs", type=int, nargs=3, metavar=("E0", "E1", "E2"),
-                   help="override the phase boundaries (default: from --size/--epochs)")
+                   help="override the phase boundaries (None: from --size/--epochs)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed shared with the trainer")
     p.add_argument("--input-size", type=int, default=640, help="detector input size (teacher sees /2)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                   help="bf16 only if its measured cosine to fp32 is >= 0.999 (auto: bf16 on CUDA)")
-    p.add_argument("--dtype", choices=("int8", "float16"), default="int8")
+                   help="bf16 only if its measured cosine to fp32 is >= 0.999 (auto: bf16 on CUDA, and on a CPU "
+                        "with native bf16 where it measures faster)")
+    p.add_argument("--dtype", choices=("int8", "int4", "float16"), default="int8",
+                   help="stored grid dtype. int8: per-token absmax (cosine ~0.99997); int4 (exact mode only): "
+                        "rotated 4-bit Lloyd-Max codes, half the bytes (cosine ~0.995)")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard")
-    p.add_argument("--batch-size", type=int, help="views per teacher batch (default 64 GPU, 8 CPU)")
-    p.add_argument("--workers", type=int, help="teacher actors (default: one per GPU, else 1)")
+    p.add_argument("--batch-size", type=int, help="views per teacher batch (None: 64 GPU, 8 CPU)")
+    p.add_argument("--workers", type=int, help="teacher actors (None: one per GPU, else 1)")
     p.add_argument("--render-workers", type=int, default=1, help="CPU actors decoding + augmenting")
-    p.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    p.add_argument("--address", help="Ray cluster address (None: start a local cluster)")
     p.add_argument("--no-ray", action="store_true", help="run in-process without Ray")
-    p.add_argument("--max-shards", type=int, help="stop after this many shards (resume later)")
+    p.add_argument("--max-shards", type=int, help="stop after this many shards (resume later); exact mode "
+                   "writes them in plan order, so training can already use the completed epochs")
     p.add_argument("--verify", nargs="?", const=8, type=int, metavar="N",
-                   help="check the store against its plan and re-compute N views online (default 8)")
-    p.add_argument("--quiet", action="store_true")
+                   help="re-read every stored view (checksums) and re-compute N views (budget) or steps "
+                        "(exact) online; non-zero exit naming shard and view on a mismatch or cosine < 0.99")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="undecodable images: stop at start with the file named (raise; every image is decoded "
+                        "once first) or list them and go on; their shards get no completion marker and the "
+                        "trainer serves those samples with the online teacher (skip)")
     return p.parse_args(argv)
 
 
 def fail(message: str, code: int = 2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def check_ray_address(address: str | None) -> None:
+    """Fail at once, naming the address and what to check, when --address cannot be reached
+    (ray.init would otherwise retry for a minute and end in a GCS timeout trace)."""
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        fail(f"cannot reach Ray at --address {address} ({e}): on the head node check `ray status --address "
+             f"{address.removeprefix('ray://')}` and that the port is open from this machine (head: "
+             "`ray start --head --port PORT`; ray:// needs the client server port, default 10001)")
 
 
 def check_free_space(out: str, needed: int) -> None:
@@ -86,13 +121,34 @@ def check_free_space(out: str, needed: int) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)   # before the heavy imports: --help answers at once
+    import torch
+
+    from pipeline.data.dataset import DatasetError
+    from pipeline.data.load import load_dataset
+    from pipeline.data.policy import AugPolicy
+    from pipeline.data.views import Renderer
+    from pipeline.train.recipe import resolve_recipe
+    from teacher_cache.precompute import TeacherSpec, pending_shards, precompute, verify
+    from teacher_cache.store import Store, StoreError
+    from teacher_cache.teachers import WeightsError, build_teacher, choose_precision, resolve_arch
+    from teacher_cache.views import ViewPlan
+
     try:
         resolve_arch(args.vfm)
         dataset = load_dataset(args.data, split=args.split)
+        # decode every image once before any teacher work (a copy: the plan keeps every index)
+        checked = load_dataset(args.data, split=args.split, on_error=args.on_error, verify_images=True)
+        if checked.bad_samples:
+            print(checked.bad_samples.summary(), file=sys.stderr)
     except (ValueError, DatasetError) as e:
         fail(str(e))
     recipe = resolve_recipe(args.size, args.epochs)   # the same phases as `jobs.train --epochs N`
+    if args.views is None:
+        return exact_main(args, dataset, recipe)
+    print(f"budget mode (--views {args.views}): each sample replays one of {args.views} cached views per "
+          "augmented phase instead of a fresh draw each epoch, grids are resized to the multi-scale size, and "
+          "MixUp batches run the online teacher during training", file=sys.stderr)
     epochs = tuple(args.policy_epochs or recipe.policy_epochs)
     plan = ViewPlan(seed=args.seed, k=args.views, epochs=epochs, input_size=(args.input_size,) * 2)
     policy = replace(AugPolicy.from_recipe(recipe, output_size=args.input_size), epochs=epochs)
@@ -136,6 +192,7 @@ def main(argv=None) -> int:
         import ray
         env = ({"env_vars": {"PYTHONPATH": str(REPO)}} if args.address is None else
                {"working_dir": str(REPO), "excludes": [".venv", ".git", "cache"]})
+        check_ray_address(args.address)
         ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(),
                  runtime_env=env, log_to_driver=False, include_dashboard=False,
                  ignore_reinit_error=True)
@@ -149,6 +206,88 @@ def main(argv=None) -> int:
                         max_shards=args.max_shards, progress=not args.quiet)
     print(report.summary())
     return 1 if report.shards_failed else 0
+
+
+def exact_main(args, dataset, recipe) -> int:
+    """Exact mode: every (epoch, step, slot) of the plan, written in plan order."""
+    import numpy as np
+    import torch
+
+    from pipeline.data.plan import PlanRenderer, TrainPlan
+    from teacher_cache.exact import ExactStore
+    from teacher_cache.precompute import TeacherSpec, pending_units, precompute_exact, verify_exact
+    from teacher_cache.store import StoreError
+    from teacher_cache.teachers import WeightsError, build_teacher, choose_precision
+
+    if args.policy_epochs:
+        fail("--policy-epochs is budget mode only: exact mode follows the recipe of --size/--epochs, as jobs.train")
+    try:
+        plan = TrainPlan.from_recipe(recipe, len(dataset), args.global_batch or recipe.total_batch_size,
+                                     seed=args.seed, base_size=args.input_size, mixup_group=args.mixup_group,
+                                     dataset_hash=dataset.content_hash())
+    except ValueError as e:
+        fail(str(e))
+    bad = [e for e in args.only_epochs or () if not 0 <= e < plan.epochs]
+    if bad:
+        fail(f"--only-epochs {bad} outside the plan's epochs 0..{plan.epochs - 1}")
+    renderer = PlanRenderer(args.data, args.split, plan)
+    try:
+        teacher = build_teacher(args.vfm, args.weights, **args.model_kwargs)
+    except (WeightsError, ValueError) as e:
+        fail(str(e))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.to(device)
+    fidelity = None
+    if args.precision != "fp32":  # measured on the plan's first step
+        probe = torch.from_numpy(renderer(0, 0)[0][:4]).to(device)
+        teacher.precision, fidelity = choose_precision(teacher, probe, args.precision)
+    fingerprint = teacher.fingerprint()
+    fingerprint["protocol"]["bf16_fidelity"] = fidelity
+    out = args.out or f"cache/{args.vfm}_{args.size}_{args.input_size}_{plan.hash()}"
+    try:
+        if args.verify is not None:  # never creates anything
+            store = ExactStore.open(out)
+            store.check_teacher(fingerprint)
+            store.check_plan(plan.hash())
+        else:
+            store = ExactStore.create(out, teacher=fingerprint, plan=plan.to_dict(), plan_hash=plan.hash(),
+                                      epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch,
+                                      global_batch=plan.global_batch, dataset_hash=plan.dataset_hash,
+                                      keys=[dataset.key(i) for i in range(len(dataset))], dtype=args.dtype,
+                                      steps_per_shard=args.steps_per_shard,
+                                      extra={"data": str(args.data), "split": args.split})
+    except (StoreError, ValueError) as e:
+        fail(str(e))
+    if args.verify is not None:
+        result = verify_exact(store, teacher, renderer, samples=args.verify)
+        print(json.dumps(result, indent=1))
+        for problem in result["problems"][:20]:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1 if result["problems"] else 0
+    todo = pending_units(store, args.only_epochs)
+    tokens = np.mean([(s // 32) ** 2 for s in (plan.scales or (plan.base_size,))])
+    check_free_space(out, int(len(todo) * store.steps_per_shard * plan.global_batch * tokens * store.view_bytes((1, 1))))
+    executor = "local" if args.no_ray else _init_ray(args)
+    spec = TeacherSpec(args.vfm, args.weights, teacher.precision, args.model_kwargs)
+    print(f"teacher {args.vfm} ({teacher.arch}, {teacher.precision}) -> {out}: exact mode, {plan.describe()}; "
+          f"{store.shards_per_epoch} shard files per epoch, {len(todo)} to do", file=sys.stderr)
+    report = precompute_exact(store, spec, renderer, executor=executor,
+                              batch_size=args.batch_size or (64 if device == "cuda" else 8),
+                              num_workers=args.workers, render_workers=args.render_workers,
+                              max_shards=args.max_shards, progress=not args.quiet, epochs=args.only_epochs,
+                              on_epoch=lambda e: print(f"epoch {e} complete", file=sys.stderr))
+    print(report.summary())
+    return 1 if report.shards_failed else 0
+
+
+def _init_ray(args) -> str:
+    import ray
+    env = ({"env_vars": {"PYTHONPATH": str(REPO)}} if args.address is None else
+           {"working_dir": str(REPO), "excludes": [".venv", ".git", "cache"]})
+    check_ray_address(args.address)
+    ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(),
+             runtime_env=env, log_to_driver=False, include_dashboard=False, ignore_reinit_error=True)
+    return "ray"
 
 
 if __name__ == "__main__":

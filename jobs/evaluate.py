@@ -15,43 +15,51 @@ import json
 import time
 from pathlib import Path
 
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-
-from pipeline.data.augment import AugmentedDataset
-from pipeline.data.collate import stack_collate
-from pipeline.data.load import load_dataset
-from pipeline.train.distributed import init_distributed
-from pipeline.data.evaluate import BACKENDS, CocoEvaluator, evaluate_detector, format_table
+from pipeline.cli import parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser("jobs.evaluate", __doc__)
     ap.add_argument("--checkpoint", required=True, help="our or an official RT-DETRv4 checkpoint (.pth)")
-    ap.add_argument("--data", default=None, help="YOLO dir / data.yaml, COCO json or dir; omitted: generated default")
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--size", default="s", choices=("s", "m", "l", "x"), help="model size (default: s)")
-    ap.add_argument("--image-size", type=int, default=640)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--data", default=None, help="YOLO dir / data.yaml, COCO json or dir (None: the embedded dataset)")
+    ap.add_argument("--val-split", "--split", dest="split", default="val",
+                    help="split to score: a YOLO yaml key (val, test, ...) or a COCO split (val2017)")
+    ap.add_argument("--size", default="s", choices=("s", "m", "l", "x"), help="model size")
+    ap.add_argument("--student", default="rtdetrv4", choices=("rtdetrv4", "rtdetrv2_r50"),
+                    help="rtdetrv2_r50: a jobs.train --student rtdetrv2_r50 checkpoint or a transformers directory")
+    ap.add_argument("--image-size", type=int, default=640, help="network input size")
+    ap.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    ap.add_argument("--device", default=None, help="default: cuda when available")
-    ap.add_argument("--backend", default="faster-coco-eval", choices=BACKENDS)
+    ap.add_argument("--device", default=None, help="cpu or cuda (None: cuda when available)")
+    ap.add_argument("--backend", default="faster-coco-eval", help="COCOeval: faster-coco-eval or pycocotools")
     ap.add_argument("--out", default=None, help="directory for metrics.json")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, float]:
-    args = parse_args(argv)
+    args = parse_args(argv)   # before the heavy imports: --help answers at once
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
     from detector import build_detector
     from detector.checkpoint import load_checkpoint
     from detector.postprocessor import PostProcessor
+    from pipeline.data.augment import AugmentedDataset
+    from pipeline.data.collate import stack_collate
+    from pipeline.data.evaluate import CocoEvaluator, evaluate_detector, format_table
+    from pipeline.data.load import load_dataset
+    from pipeline.train.distributed import init_distributed
 
     info = init_distributed(args.device)
     dataset = load_dataset(args.data, split=args.split)
     num_classes = dataset.num_classes
-    model = build_detector(args.size, num_classes=num_classes)
-    report = load_checkpoint(model, args.checkpoint)
-    if report.reinitialised:
+    if args.student == "rtdetrv2_r50":
+        from detector.rtdetrv2_student import load_rtdetrv2_student
+        model, reinitialised = load_rtdetrv2_student(args.checkpoint, num_classes), False
+    else:
+        model = build_detector(args.size, num_classes=num_classes)
+        reinitialised = load_checkpoint(model, args.checkpoint).reinitialised
+    if reinitialised:
         raise ValueError(f"{args.checkpoint} was trained on a different number of classes than {dataset!r} "
                          f"({num_classes}); evaluating re-initialised class heads is meaningless. Fix: evaluate on "
                          "the data set the checkpoint was trained for.")

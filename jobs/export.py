@@ -15,17 +15,16 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.deploy.graph import (PARITY_TOL, build_deploy_graph, checkpoint_size, export_onnx_checked,
-                                   maybe_build_engine)
+from pipeline.cli import parser
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["s", "m", "l", "x"], help="default: detected from --checkpoint")
+    p = parser("jobs.export", __doc__)
+    p.add_argument("--size", choices=["s", "m", "l", "x"], help="None: detected from --checkpoint")
     p.add_argument("--checkpoint", help="training checkpoint (EMA weights used when present); random weights if omitted")
-    p.add_argument("--num-classes", type=int, help="default: read from the checkpoint, else 80")
+    p.add_argument("--num-classes", type=int, help="None: read from the checkpoint, else 80")
     p.add_argument("--out", default="export", help="output folder")
-    p.add_argument("--image-size", type=int, default=640)
+    p.add_argument("--image-size", type=int, default=640, help="network input size")
     p.add_argument("--opset", type=int, default=17, help="17 (TorchScript exporter; 18+ needs onnxscript)")
     p.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs tensorrt + CUDA)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="engine precision")
@@ -33,7 +32,9 @@ def main(argv=None) -> dict:
     p.add_argument("--fp32-layers", nargs="*", default=[],
                    help="pin TensorRT layers whose name contains these strings to fp32 (FP16 accuracy fix)")
     p.add_argument("--no-tf32", action="store_true", help="disable TF32 in the engine (D-FINE #44 fix)")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)   # before the heavy imports: --help answers at once
+    from pipeline.deploy.graph import (PARITY_TOL, build_deploy_graph, checkpoint_size, export_onnx_checked,
+                                       maybe_build_engine)
 
     if args.size is None:
         if args.checkpoint is None:

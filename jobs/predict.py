@@ -10,20 +10,18 @@ OpenCV) and detections.json with the boxes, labels and scores above --score-thr.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-from torchvision.io import write_jpeg, write_png
-from tqdm import tqdm
+from pipeline.cli import parser
 
-from pipeline.deploy.backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
-from pipeline.deploy.inputs import VIDEO_EXTS, list_images, read_image, to_inputs, video_frames
-from pipeline.deploy.draw import draw_detections
+# torch, torchvision and the deploy runtime are imported inside the functions, after the flags
+# are parsed: --help answers without loading them.
 
 
 def load_backend(args):
+    from pipeline.deploy.backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
+
     if sum(x is not None for x in (args.checkpoint, args.onnx, args.engine)) > 1:
         raise SystemExit("give one of --checkpoint, --onnx, --engine")
     if args.engine:
@@ -66,6 +64,8 @@ def load_names(path: str | None) -> list[str] | None:
 
 
 def detect(backend, frames, image_size):
+    from pipeline.deploy.inputs import to_inputs
+
     images, sizes = to_inputs(frames, image_size)
     return backend.detections(images, sizes)
 
@@ -79,6 +79,12 @@ def _record(name, labels, boxes, scores, thr, names):
 
 
 def predict_images(backend, files, out: Path, args, names) -> list[dict]:
+    from torchvision.io import write_jpeg, write_png
+    from tqdm import tqdm
+
+    from pipeline.deploy.draw import draw_detections
+    from pipeline.deploy.inputs import read_image
+
     records = []
     for i in tqdm(range(0, len(files), args.batch), desc="predict", unit="batch"):
         chunk = files[i:i + args.batch]
@@ -93,6 +99,11 @@ def predict_images(backend, files, out: Path, args, names) -> list[dict]:
 
 
 def predict_video(backend, path: Path, out: Path, args, names) -> list[dict]:
+    from tqdm import tqdm
+
+    from pipeline.deploy.draw import draw_detections
+    from pipeline.deploy.inputs import video_frames
+
     frames, fps = video_frames(path)  # says how to install OpenCV when it is missing
     import cv2
     writer, records = None, []
@@ -110,23 +121,28 @@ def predict_video(backend, path: Path, out: Path, args, names) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("jobs.predict", __doc__)
     p.add_argument("--input", required=True, help="an image, a folder of images, or a video")
-    p.add_argument("--size", choices=["s", "m", "l", "x"], help="detector size (default: detected from --checkpoint)")
-    p.add_argument("--checkpoint")
-    p.add_argument("--onnx")
-    p.add_argument("--engine")
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--size", choices=["s", "m", "l", "x"], help="detector size (None: detected from --checkpoint)")
+    p.add_argument("--checkpoint", help="our or an official RT-DETRv4 checkpoint (.pth)")
+    p.add_argument("--onnx", help="an ONNX file written by jobs.export")
+    p.add_argument("--engine", help="a TensorRT engine written by jobs.export --engine")
+    p.add_argument("--num-classes", type=int, help="None: read from the checkpoint, else 80")
     p.add_argument("--names", help="class names: YOLO data.yaml, JSON list or one name per line")
-    p.add_argument("--score-thr", type=float, default=0.5)
-    p.add_argument("--image-size", type=int, default=640)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--score-thr", type=float, default=0.5, help="detections drawn and written")
+    p.add_argument("--image-size", type=int, default=640, help="network input size")
+    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--device", default=None, help="cpu or cuda (None: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="torch autocast")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads")
     p.add_argument("--limit", type=int, help="at most this many images")
-    p.add_argument("--out", default="predictions")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default="predictions", help="folder for the drawn images and detections.json")
+    args = p.parse_args(argv)   # before the heavy imports: --help answers at once
+    import torch
+
+    from pipeline.deploy.inputs import VIDEO_EXTS, list_images
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     names = load_names(args.names)
     src = Path(args.input)

@@ -6,16 +6,15 @@ Every flag is a field of ``pipeline.train.config.TrainConfig``.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from pipeline.cli import parser
 from pipeline.train.config import TrainConfig, add_config_flags, config_from_args
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("jobs.train", __doc__)
     return config_from_args(add_config_flags(p).parse_args(argv))
 
 

@@ -1,6 +1,5 @@
-"""Teachers, the view plan and the teacher-feature store (no imports from pipeline or jobs)."""
-from .store import Store, StoreError, StoreMismatch
-from .teachers import Teacher, WeightsError, build_teacher
-from .views import ViewPlan
+"""Teachers, the view plan and the teacher-feature stores (no imports from pipeline or jobs).
 
-__all__ = ["Store", "StoreError", "StoreMismatch", "Teacher", "WeightsError", "build_teacher", "ViewPlan"]
+Import the submodules themselves (``teacher_cache.store``, ``teacher_cache.teachers``, ...): this
+package imports nothing, so code that only needs the light ``views`` module does not load timm or zarr.
+"""

@@ -1,6 +1,6 @@
 """Run a teacher over every planned view and fill a store, one whole shard at a time.
 
-Ray Data streams the work (cache_prior_art.md section 6.3): rows are images of the shards still
+Ray Data streams the work: rows are images of the shards still
 to do; CPU tasks decode each image once and render all its planned views (``render(index, view)``
 -> uint8 [3, H, W], supplied by the job, which owns the data pipeline); an actor pool of teacher
 workers (one GPU each when present) runs the teacher and quantises; the driver gathers rows in
@@ -11,6 +11,7 @@ the holes. ``executor="local"`` runs the same steps in-process, without Ray.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,16 @@ class Report:
     seconds: float = 0.0
     bytes_written: int = 0
     failures: dict = field(default_factory=dict)  # shard -> first error
+    nodes: dict = field(default_factory=dict)  # shard -> {"render": [node, ...], "teacher": [node, ...]}
+
+    def views_per_node(self) -> dict:
+        """node -> {"render": views rendered there, "teacher": views the teacher ran there}."""
+        out: dict = {}
+        for per_stage in self.nodes.values():
+            for stage, counts in per_stage.items():
+                for node, n in counts.items():
+                    out.setdefault(node, {"render": 0, "teacher": 0})[stage] += n
+        return out
 
     @property
     def views_per_s(self) -> float:
@@ -64,6 +75,8 @@ class Report:
                  f"complete), {self.shards_failed} failed, of {self.shards_total}",
                  f"views: {self.views} in {self.seconds:.1f} s = {self.views_per_s:.2f} views/s; "
                  f"{self.bytes_per_view:,.0f} bytes per view on disk"]
+        lines += [f"node {node}: rendered {n['render']} views, ran the teacher on {n['teacher']}"
+                  for node, n in sorted(self.views_per_node().items())]
         lines += [f"FAILED shard {s}: {e}" for s, e in sorted(self.failures.items())]
         if self.failures:
             lines.append("failed shards have no completion marker; fix the cause and re-run the same "
@@ -75,6 +88,17 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _node() -> str:
+    """Where this stage runs: the Ray node's IP and id inside a cluster, else the host name."""
+    try:
+        import ray
+        if ray.is_initialized():
+            return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except ImportError:
+        pass
+    return socket.gethostname()
+
+
 class RenderViews:
     """CPU stage: image rows -> one row per planned view (decode once, all views)."""
 
@@ -82,7 +106,8 @@ class RenderViews:
         self.render, self.num_views, self.shape = render, num_views, (3, *input_size)
 
     def __call__(self, batch: dict) -> dict:
-        out = {"shard": [], "index": [], "view": [], "image": [], "error": []}
+        out = {"shard": [], "index": [], "view": [], "image": [], "error": [], "render_node": []}
+        node = _node()
         for shard, index in zip(batch["shard"], batch["index"]):
             for view in range(self.num_views):
                 try:
@@ -94,6 +119,7 @@ class RenderViews:
                 out["view"].append(view)
                 out["image"].append(image)
                 out["error"].append(error)
+                out["render_node"].append(node)
         out["image"] = np.stack([im if im is not None else np.zeros(self.shape, np.uint8)
                                  for im in out["image"]])
         return {k: np.asarray(v) if k != "image" else v for k, v in out.items()}
@@ -115,7 +141,8 @@ class TeacherWorker:
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
         grids = self.teacher(images.float().div_(255.0))
         tokens, scale = encode(grids, self.dtype)
-        out = {k: batch[k] for k in ("shard", "index", "view", "error")}
+        out = {k: batch[k] for k in ("shard", "index", "view", "error", "render_node")}
+        out["teacher_node"] = np.asarray([_node()] * len(batch["shard"]))
         out["tokens"] = tokens.cpu().numpy()
         if scale is not None:
             out["scale"] = scale.cpu().numpy()
@@ -141,19 +168,23 @@ class _ShardBuffers:
                 buf = self.open[shard] = {
                     "tokens": np.empty((n, v, *store.tokens.shape[2:]), store.tokens.dtype),
                     "scale": None if store.scale is None else np.empty((n, v, store.scale.shape[2]), np.float16),
-                    "left": n * v, "errors": []}
+                    "left": n * v, "errors": [], "render": {}, "teacher": {}}
             i = index - store.shard_range(shard)[0]
             buf["tokens"][i, view] = batch["tokens"][row]
             if buf["scale"] is not None:
                 buf["scale"][i, view] = batch["scale"][row]
             if batch["error"][row]:
                 buf["errors"].append(str(batch["error"][row]))
+            for stage in ("render", "teacher"):
+                node = str(batch[f"{stage}_node"][row])
+                buf[stage][node] = buf[stage].get(node, 0) + 1
             buf["left"] -= 1
             if buf["left"] == 0:
                 self._finish(shard, self.open.pop(shard))
         return len(batch["shard"])
 
     def _finish(self, shard: int, buf: dict) -> None:
+        self.report.nodes[shard] = {"render": buf["render"], "teacher": buf["teacher"]}
         if buf["errors"]:
             self.report.shards_failed += 1
             self.report.failures[shard] = f"{buf['errors'][0]} ({len(buf['errors'])} views failed)"
@@ -206,7 +237,7 @@ def precompute(store: Store, spec: TeacherSpec, render, *, executor: str = "ray"
 def _local_batches(store, spec, render, rows, batch_size, num_workers, render_workers):
     renderer = RenderViews(render, store.num_views, store.plan.input_size)
     worker = TeacherWorker(spec, store.dtype, store.manifest["teacher"]["weights_sha256"])
-    pending = {"shard": [], "index": [], "view": [], "image": [], "error": []}
+    pending = {"shard": [], "index": [], "view": [], "image": [], "error": [], "render_node": []}
     for r, (shard, index) in enumerate(rows):
         views = renderer({"shard": [shard], "index": [index]})
         for k in pending:
@@ -216,6 +247,10 @@ def _local_batches(store, spec, render, rows, batch_size, num_workers, render_wo
             pending = {k: v[batch_size:] for k, v in pending.items()}
             take = {k: np.stack(v) if k == "image" else np.asarray(v) for k, v in take.items()}
             yield worker(take)
+
+
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}
 
 
 def _ray_batches(store, spec, render, rows, batch_size, num_workers, render_workers):
@@ -231,11 +266,12 @@ def _ray_batches(store, spec, render, rows, batch_size, num_workers, render_work
     workers = num_workers or max(gpus, 1)
     ds = ray.data.from_items([{"shard": s, "index": i} for s, i in rows])
     ds = ds.map_batches(RenderViews, fn_constructor_args=(render, store.num_views, store.plan.input_size),
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=render_workers), num_cpus=1)
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=render_workers), num_cpus=1,
+                        ray_remote_args_fn=_spread)   # a pool over all nodes, not packed on the head
     ds = ds.map_batches(TeacherWorker, fn_constructor_args=(spec, store.dtype,
                                                             store.manifest["teacher"]["weights_sha256"]),
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
-                        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
+                        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, ray_remote_args_fn=_spread)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -268,4 +304,165 @@ def verify(store: Store, teacher=None, render=None, samples: int = 8, seed: int 
             cos.append(F.cosine_similarity(store.read(i, v), online, dim=0).mean().item())
         result["online_cosine_mean"] = float(np.mean(cos))
         result["online_cosine_min"] = float(np.min(cos))
+    return result
+
+
+# --- exact mode: every step of a training plan --------------------------------------------------
+class RenderSteps:
+    """CPU stage of exact mode: (epoch, step) rows -> the step's global batch exactly as the
+    trainer builds it (``render_step(epoch, step) -> (float images [G,3,S,S], sample indices)``)."""
+
+    def __init__(self, render_step):
+        self.render_step = render_step
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"epoch": [], "step": [], "indices": [], "images": []}
+        for epoch, step in zip(batch["epoch"], batch["step"]):
+            images, indices = self.render_step(int(epoch), int(step))
+            out["epoch"].append(int(epoch))
+            out["step"].append(int(step))
+            out["indices"].append(np.asarray(indices, np.int64))
+            out["images"].append(np.asarray(images, np.float32))
+        return {k: np.stack(v) for k, v in out.items()}
+
+
+class TeacherSteps:
+    """Teacher stage of exact mode: a step's images -> its quantised views (one forward per
+    ``batch_size`` images of the step, all at the step's size)."""
+
+    def __init__(self, spec: TeacherSpec, dtype: str, weights_sha256: str | None, batch_size: int):
+        self.worker = TeacherWorker(spec, dtype, weights_sha256)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"epoch": batch["epoch"], "step": batch["step"], "indices": batch["indices"], "tokens": [], "scale": [],
+               "grid": []}
+        for images in batch["images"]:
+            out["grid"].append([images.shape[-2] // 32, images.shape[-1] // 32])
+            x = torch.from_numpy(np.ascontiguousarray(images))
+            tokens, scales = [], []
+            for i in range(0, len(x), self.batch_size):
+                grids = self.worker.teacher(x[i:i + self.batch_size].to(self.worker.device))
+                t, s = encode(grids, self.worker.dtype)
+                tokens.append(t.cpu())
+                scales.append(s.cpu() if s is not None else None)
+            out["tokens"].append(torch.cat(tokens).numpy())
+            out["scale"].append(torch.cat(scales).numpy() if scales[0] is not None else np.zeros(0, np.float16))
+        out["grid"] = np.asarray(out["grid"])
+        out["tokens"], out["scale"] = np.stack(out["tokens"]), np.stack(out["scale"])
+        return out
+
+
+def pending_units(store, epochs=None, max_shards: int | None = None) -> list[tuple[int, int]]:
+    """The (epoch, shard) files still to write, in plan order (so epochs complete one by one)."""
+    todo = []
+    for e in (range(store.epochs) if epochs is None else epochs):
+        done = store.completed_shards(e)
+        todo += [(e, s) for s in range(store.shards_per_epoch) if s not in done]
+    return todo[:max_shards] if max_shards is not None else todo
+
+
+def precompute_exact(store, spec: TeacherSpec, render_step, *, epochs=None, executor: str = "ray",
+                     batch_size: int = 8, num_workers: int | None = None, render_workers: int = 1,
+                     max_shards: int | None = None, progress: bool = True, on_epoch=None) -> Report:
+    """Fill an :class:`teacher_cache.exact.ExactStore` with every step of its plan, epoch by epoch;
+    complete shard files are skipped, so a re-run fills the holes. ``on_epoch(e)`` is called when
+    epoch ``e`` is complete (training may already be reading it)."""
+    units = pending_units(store, epochs, max_shards)
+    everything = pending_units(store, epochs)
+    report = Report(shards_total=sum(store.shards_per_epoch for _ in (range(store.epochs) if epochs is None else epochs)))
+    report.shards_skipped = report.shards_total - len(everything)
+    steps = [(e, st) for e, s in units for st in store.shard_steps(s)]
+    bar = tqdm(total=len(steps) * store.global_batch, unit="view", desc="teacher cache (exact)", disable=not progress)
+    t0 = time.perf_counter()
+    left = {u: len(store.shard_steps(u[1])) for u in units}
+    views: dict[tuple[int, int], list] = {u: [] for u in units}
+    gen = (_ray_steps if executor == "ray" else _local_steps)(store, spec, render_step, steps, batch_size,
+                                                              num_workers, render_workers)
+    for out in gen:
+        for r in range(len(out["step"])):
+            e, st = int(out["epoch"][r]), int(out["step"][r])
+            unit = (e, st // store.steps_per_shard)
+            h, w = (int(v) for v in out["grid"][r])
+            scale = out["scale"][r] if out["scale"][r].size else None
+            views[unit] += [(st, slot, int(i), out["tokens"][r][slot], None if scale is None else scale[slot], (h, w))
+                            for slot, i in enumerate(out["indices"][r])]
+            report.views += len(out["indices"][r])
+            bar.update(len(out["indices"][r]))
+            left[unit] -= 1
+            if left[unit] == 0:
+                try:
+                    report.bytes_written += store.write_shard(*unit, views.pop(unit))
+                    report.shards_written += 1
+                except Exception as ex:  # noqa: BLE001 - a full disk etc.: the file is simply absent
+                    report.shards_failed += 1
+                    report.failures[store.shard_name(*unit)] = f"write failed: {type(ex).__name__}: {ex}"
+                if on_epoch is not None and unit[1] == store.shards_per_epoch - 1 and store.epoch_complete(e):
+                    on_epoch(e)
+    report.seconds = time.perf_counter() - t0
+    bar.close()
+    return report
+
+
+def _local_steps(store, spec, render_step, steps, batch_size, num_workers, render_workers):
+    render = RenderSteps(render_step)
+    teacher = TeacherSteps(spec, store.dtype, store.manifest["teacher"]["weights_sha256"], batch_size)
+    for e, st in steps:
+        yield teacher(render({"epoch": [e], "step": [st]}))
+
+
+def _ray_steps(store, spec, render_step, steps, batch_size, num_workers, render_workers):
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("executor='ray' needs ray.init() (the job does it; --address joins a cluster)")
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shard files complete in plan order
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    ds = ray.data.from_items([{"epoch": e, "step": s} for e, s in steps])
+    ds = ds.map_batches(RenderSteps, fn_constructor_args=(render_step,), batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=render_workers), num_cpus=1)
+    ds = ds.map_batches(TeacherSteps, fn_constructor_args=(spec, store.dtype, store.manifest["teacher"]["weights_sha256"],
+                                                           batch_size),
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=num_workers or max(gpus, 1)),
+                        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
+    yield from ds.iter_batches(batch_size=1, batch_format="numpy")
+
+
+def verify_exact(store, teacher=None, render_step=None, samples: int = 4, seed: int = 0,
+                 min_cosine: float = 0.99) -> dict:
+    """Re-read every view of every shard file (checksums), and re-compute ``samples`` random
+    stored steps online: a problem names the shard and view."""
+    problems, read = [], 0
+    written = [(e, s) for e in range(store.epochs) for s in sorted(store.completed_shards(e))]
+    for e, s in written:
+        p, n = store.verify_shard(e, s)
+        problems += p
+        read += n
+    missing = store.epochs * store.shards_per_epoch - len(written)
+    result = {"plan": store.plan_hash, "epochs": store.epochs, "shards_written": len(written),
+              "shards_missing": missing, "views_read": read, "problems": problems}
+    if teacher is not None and render_step is not None and written:
+        from .quantize import decode
+        rng = np.random.default_rng(seed)
+        cos = []
+        for _ in range(samples):
+            e, s = written[int(rng.integers(len(written)))]
+            st = int(rng.choice(list(store.shard_steps(s))))
+            images, indices = render_step(e, st)
+            online = teacher(torch.as_tensor(np.asarray(images, np.float32)))
+            for slot, i in enumerate(indices):
+                try:
+                    tokens, scale, grid = store.read(e, st, slot, int(i))
+                except Exception:  # noqa: BLE001 - already reported by the checksum pass
+                    continue
+                c = F.cosine_similarity(decode(tokens, scale, grid), online[slot], dim=0).mean().item()
+                cos.append(c)
+                if c < min_cosine:
+                    problems.append(f"shard {store.shard_name(e, s)} view (epoch {e}, step {st}, slot {slot}): "
+                                    f"cosine {c:.4f} to the online teacher < {min_cosine}")
+        if cos:
+            result["online_cosine_mean"], result["online_cosine_min"] = float(np.mean(cos)), float(np.min(cos))
     return result

@@ -9,7 +9,7 @@ Layout (a local path or any fsspec URL, e.g. s3://bucket/cache):
     scale/            [N, V, h*w] float16 per-token scales (int8 stores only); same sharding
     done/000012.json  completion marker of shard 12, written after the shard is verified
 
-Writes follow cache_prior_art.md section 4.3: exactly one writer per shard, whole shards in one
+Writes: exactly one writer per shard, whole shards in one
 call (no read-modify-write), verified, then marked. A shard without a valid marker reads as absent
 and is rewritten from scratch by the next run, so an interrupted job never leaves a partial shard
 that reads as complete.
@@ -30,9 +30,9 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
 from detector.checkpoint import atomic_write
 
-from .quantize import DTYPES
 from .views import ViewPlan
 
+BUDGET_DTYPES = ("int8", "float16")  # the budget (K-views) store; int4 is exact-store only
 FORMAT = "rtdetrv4-teacher-cache"
 FORMAT_VERSION = 1
 OUR_ENTRIES = {"manifest.json", "keys.json", "zarr.json", "tokens", "scale", "done"}
@@ -105,11 +105,12 @@ class Store:
                grid: tuple[int, int], dtype: str = "int8", shard_size: int = 256,
                extra: dict | None = None) -> "Store":
         """Create a store, or re-open the same store to resume it (refused by name if it differs)."""
-        if dtype not in DTYPES:
-            raise ValueError(f"store dtype must be one of {DTYPES}, got {dtype!r}")
+        if dtype not in BUDGET_DTYPES:
+            raise ValueError(f"a --views K store's dtype must be one of {BUDGET_DTYPES}, got {dtype!r}")
         if len(set(keys)) != len(keys):
             raise StoreError("dataset sample keys are not unique; the store needs one key per image")
         fs, root = fsspec.core.url_to_fs(url)
+        require_bucket(fs, root, url)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "teacher": teacher,
             "dataset": {"hash": dataset_hash, "num_images": len(keys), "keys_sha256": keys_sha256(keys)},
@@ -159,6 +160,7 @@ class Store:
     @classmethod
     def open(cls, url: str, mode: str = "r") -> "Store":
         fs, root = fsspec.core.url_to_fs(url)
+        require_bucket(fs, root, url)
         path = f"{root}/manifest.json"
         if not fs.exists(path):
             raise StoreError(f"no teacher-feature store at {url} (manifest.json missing): run "
@@ -343,8 +345,8 @@ class Store:
         return torch.from_numpy(np.ascontiguousarray(x.T).reshape(self.dim, *self.grid))
 
     def _chunk(self, array: int, i: int, view: int, dtype) -> np.ndarray:
-        """One inner chunk by a single ranged read, the shard's index cached (cache_prior_art.md
-        section 4.4); valid because our arrays use the raw little-endian bytes codec only."""
+        """One inner chunk by a single ranged read, the shard's index cached; valid
+        because our arrays use the raw little-endian bytes codec only."""
         shard = i // self.shard_size
         obj = self._shard_objects(shard)[array]
         index = self._indexes.get((array, shard))
@@ -370,6 +372,25 @@ class Store:
             if grid is not None:
                 out[row], present[row] = grid, True
         return out, present
+
+
+def require_bucket(fs, root: str, url: str) -> None:
+    """On object storage, fail early, naming the URL and what to check, when the bucket is missing
+    or the endpoint is unreachable (instead of creating a bucket or a deep botocore trace).
+    Credentials and the endpoint come from the environment only (AWS_*, FSSPEC_S3_*)."""
+    if isinstance(fs, LocalFileSystem):
+        return
+    bucket = root.split("/", 1)[0]
+    endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
+    try:
+        found = fs.exists(bucket)
+    except Exception as e:  # noqa: BLE001 - connection refused, bad credentials, ...
+        raise StoreError(f"{url}: cannot reach the object store at {endpoint} ({type(e).__name__}: {e}). "
+                         "Check the endpoint (AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL) and the credentials "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)") from e
+    if not found:
+        raise StoreError(f"{url}: bucket {bucket!r} does not exist at {endpoint} (or these credentials "
+                         f"cannot see it): create it (e.g. `aws s3 mb s3://{bucket}`) or fix the URL")
 
 
 def _zarr_store(url: str, fs, root: str, read_only: bool = False):

@@ -242,9 +242,19 @@ def bf16_fidelity(teacher: Teacher, images: torch.Tensor) -> float:
 def choose_precision(teacher: Teacher, images: torch.Tensor, requested: str,
                      threshold: float = 0.999) -> tuple[str, float | None]:
     """fp32 like the official code, or bf16 when its measured fidelity clears ``threshold``.
-    ``requested`` is 'fp32', 'bf16' or 'auto' (bf16 only on CUDA). Returns (precision, fidelity)."""
-    if requested == "fp32" or (requested == "auto" and not images.is_cuda):
+    ``requested`` is 'fp32', 'bf16' or 'auto' (bf16 on CUDA; on a CPU only with native bf16 where it
+    measures faster, :func:`teacher_cache.bf16.cpu_bf16_choice`). Returns (precision, fidelity)."""
+    if requested == "fp32":
         return "fp32", None
+    if requested == "auto" and not images.is_cuda:
+        from teacher_cache.bf16 import cpu_bf16_choice
+
+        with torch.inference_mode():
+            choice = cpu_bf16_choice(lambda: teacher(images, precision="fp32"),
+                                     lambda: teacher(images, precision="bf16"), what=f"teacher {teacher.vfm}")
+        print(choice.note, file=sys.stderr)
+        if not choice.use:
+            return "fp32", None
     fid = bf16_fidelity(teacher, images)
     if fid < threshold:
         warnings.warn(f"bf16 teacher fidelity {fid:.5f} < {threshold}: falling back to fp32")

@@ -31,6 +31,27 @@ def _mix(*values: int) -> int:
     return x
 
 
+def check_policy_epochs(epochs) -> tuple[int, int, int]:
+    """``epochs`` as the ints ``(e0, e1, e2)`` of the official stop-epoch policy, or a ValueError."""
+    e0, e1, e2 = (int(e) for e in epochs)
+    if not 0 <= e0 <= e1 <= e2:
+        raise ValueError(f"policy epochs must satisfy 0 <= e0 <= e1 <= e2, got {tuple(epochs)}")
+    return e0, e1, e2
+
+
+def policy_phase(epochs, epoch: int) -> int:
+    """The phase (1..4) of ``epoch`` under the stop-epoch policy ``epochs = (e0, e1, e2)``; the one
+    copy of this arithmetic, used by the view plan and by ``pipeline.data.policy.AugPolicy``."""
+    e0, e1, e2 = epochs
+    return 1 if epoch < e0 else 2 if epoch < e1 else 3 if epoch < e2 else 4
+
+
+def phase_epochs(epochs, phase: int) -> range:
+    """The epochs of ``phase`` (phase 4 is open-ended: ``range(e2, e2 + 1)`` stands for it)."""
+    e0, e1, e2 = epochs
+    return {1: range(0, e0), 2: range(e0, e1), 3: range(e1, e2), 4: range(e2, e2 + 1)}[phase]
+
+
 @dataclass(frozen=True)
 class ViewPlan:
     seed: int = 0
@@ -39,22 +60,17 @@ class ViewPlan:
     input_size: tuple[int, int] = (640, 640)  # (h, w) of the rendered view fed to the teacher
 
     def __post_init__(self):
-        e0, e1, e2 = self.epochs
-        if not 0 <= e0 <= e1 <= e2:
-            raise ValueError(f"policy epochs must satisfy 0 <= e0 <= e1 <= e2, got {self.epochs}")
+        object.__setattr__(self, "epochs", check_policy_epochs(self.epochs))
         if self.k < 0:
             raise ValueError(f"views per phase must be >= 0, got {self.k}")
-        object.__setattr__(self, "epochs", tuple(int(e) for e in self.epochs))
         object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
 
     # --- phases -----------------------------------------------------------------------------
     def phase(self, epoch: int) -> int:
-        e0, e1, e2 = self.epochs
-        return 1 if epoch < e0 else 2 if epoch < e1 else 3 if epoch < e2 else 4
+        return policy_phase(self.epochs, epoch)
 
     def phase_epochs(self, phase: int) -> range:
-        e0, e1, e2 = self.epochs
-        return {1: range(0, e0), 2: range(e0, e1), 3: range(e1, e2), 4: range(e2, e2 + 1)}[phase]
+        return phase_epochs(self.epochs, phase)
 
     def cached_phases(self) -> tuple[int, ...]:
         """Augmented phases that have epochs (an empty phase gets no views)."""

@@ -40,6 +40,8 @@ class BatchRecord:
     beta: float | None
     indices: list[int]
     keys: list[str]
+    step: int | None = None       # the global step of a :class:`pipeline.data.plan.TrainPlan`
+    group: int | None = None      # MixUp partners roll within consecutive groups of this many
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,11 +104,16 @@ class Collate:
 
 
 def apply_batch_record(batch: BatchRecord, images: torch.Tensor, targets: list[dict]):
-    """Replay a :class:`BatchRecord` on stacked images [B,3,H,W] and their targets."""
+    """Replay a :class:`BatchRecord` on stacked images [B,3,H,W] and their targets. With
+    ``batch.group`` the official ``roll(1)`` runs inside each group of that many images (elementwise,
+    so a group blends to the same bits whichever rank or batch holds it)."""
     if batch.mixup:
-        beta = batch.beta
-        images = images.roll(shifts=1, dims=0).mul_(1.0 - beta).add_(images.mul(beta))
-        shifted = targets[-1:] + targets[:-1]
+        beta, g = batch.beta, batch.group or len(targets)
+        if len(targets) % g:
+            raise ValueError(f"a batch of {len(targets)} is not whole MixUp groups of {g}")
+        x = images.unflatten(0, (-1, g))
+        images = x.roll(shifts=1, dims=1).mul_(1.0 - beta).add_(x.mul(beta)).flatten(0, 1)
+        shifted = [targets[j + (i - 1) % g] for j in range(0, len(targets), g) for i in range(g)]
         targets = [{**t, "boxes": torch.cat([t["boxes"], s["boxes"]]), "labels": torch.cat([t["labels"], s["labels"]]),
                     "mixup": torch.tensor([beta] * len(t["labels"]) + [1.0 - beta] * len(s["labels"]),
                                           dtype=torch.float32), "mixup_key": s.get("key")}

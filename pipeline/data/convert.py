@@ -39,6 +39,10 @@ def coco_to_yolo(coco_json, out_dir, image_root=None, split: str = "val", on_err
             lines.append(f"{c} {(x1 + x2) / 2 / s.width:.8f} {(y1 + y2) / 2 / s.height:.8f} "
                          f"{(x2 - x1) / s.width:.8f} {(y2 - y1) / s.height:.8f}")
         label.write_text("\n".join(lines) + ("\n" if lines else ""))
-    (out / "data.yaml").write_text(yaml.safe_dump({"path": ".", split: f"images/{split}", "nc": ds.num_classes,
-                                                   "names": ds.class_names}, sort_keys=False))
+    meta = out / "data.yaml"   # splits written earlier into the same directory stay listed
+    spec = yaml.safe_load(meta.read_text()) if meta.is_file() else {}
+    if spec.get("names", ds.class_names) != ds.class_names:
+        raise ValueError(f"{meta} lists other class names than {coco_json}: write to another --out directory")
+    spec.update({"path": ".", split: f"images/{split}", "nc": ds.num_classes, "names": ds.class_names})
+    meta.write_text(yaml.safe_dump(spec, sort_keys=False))
     return out

@@ -77,8 +77,8 @@ def finish_loading(report: BadSampleReport, on_error: str, source, fix: str) -> 
     if not report:
         return
     if on_error == "raise":
-        raise DatasetError(f"{source}: {report.summary()}\nFix: {fix}, or pass on_error='skip' to skip "
-                           "these samples and count them.")
+        raise DatasetError(f"{source}: {report.summary()}\nFix: {fix}, or pass --on-error skip (Python: "
+                           "on_error='skip') to skip these samples and count them.")
     log.warning("%s: skipped bad samples; %s", source, report.summary())
     print(f"[pipeline.data.dataset] {source}: skipped {len(report)} bad sample(s):\n{report.summary()}")
 
@@ -119,7 +119,8 @@ def decode(data: bytes, annotation: dict, source: str = "<bytes>"):
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError/ValueError with libjpeg's message
         raise DatasetError(f"{source}: cannot decode image ({e}). Fix: replace or re-encode the file, or drop "
-                           "it with load_dataset(..., verify_images=True, on_error='skip').") from e
+                           "it with --on-error skip (Python: load_dataset(..., verify_images=True, "
+                           "on_error='skip')).") from e
     h, w = image.shape[-2:]
     if (w, h) != (annotation["width"], annotation["height"]):
         raise DatasetError(f"{source}: image is {w}x{h} but its annotation says {annotation['width']}x"
@@ -194,7 +195,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             return path.read_bytes(), self.annotation(i)
         except OSError as e:
             raise DatasetError(f"{path}: cannot read image ({e.strerror}). Fix: restore the file or drop it "
-                               "with load_dataset(..., on_error='skip').") from e
+                               "with --on-error skip (Python: load_dataset(..., on_error='skip')).") from e
 
     def __getitem__(self, i: int):
         data, annotation = self.raw(i)

@@ -81,6 +81,17 @@ def coco_eval(
     backend: str = "faster-coco-eval", verbose: bool = False,
 ) -> dict[str, float]:
     """The 12 COCO bbox statistics of ``results`` against ``gt`` (restricted to ``image_ids``)."""
+    return stats_of(run_cocoeval(gt, results, image_ids, backend, verbose))
+
+
+def stats_of(evaluator) -> dict[str, float]:
+    return dict(zip(STAT_NAMES, (float(s) for s in evaluator.stats[: len(STAT_NAMES)])))
+
+
+def run_cocoeval(gt: dict, results: list[dict], image_ids: Sequence[int] | None = None,
+                 backend: str = "faster-coco-eval", verbose: bool = False):
+    """The evaluated, accumulated and summarised COCOeval object (its ``eval['precision']``,
+    ``cocoGt`` and ``cocoDt`` feed the PR curve and the confusion matrix)."""
     COCO, COCOeval = _coco_api(backend)
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
@@ -99,7 +110,7 @@ def coco_eval(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return dict(zip(STAT_NAMES, (float(s) for s in evaluator.stats[: len(STAT_NAMES)])))
+    return evaluator
 
 
 def _load_results(COCO, coco_gt, results: list[dict]):
@@ -142,6 +153,7 @@ class CocoEvaluator:
 
     def reset(self) -> None:
         self.per_image: dict[int, list[dict]] = {}
+        self.cocoeval = None    # the last summarize()'s COCOeval (precision arrays, scored gt / detections)
 
     def update(self, predictions: Sequence[Mapping[str, torch.Tensor]], image_ids) -> None:
         ids = [int(i) for i in torch.as_tensor(image_ids).reshape(-1).tolist()]
@@ -165,7 +177,8 @@ class CocoEvaluator:
         if not per_image:
             raise RuntimeError("CocoEvaluator.summarize() before any update(): nothing was evaluated")
         results = [r for image_id in sorted(per_image) for r in per_image[image_id]]
-        return coco_eval(self.gt, results, sorted(per_image), self.backend, verbose)
+        self.cocoeval = run_cocoeval(self.gt, results, sorted(per_image), self.backend, verbose)
+        return stats_of(self.cocoeval)
 
 
 @torch.no_grad()

@@ -40,4 +40,9 @@ def load_dataset(path_or_spec=None, split: str = "train", on_error: str = "raise
                 path, guessed_root = find_coco_split(path, split)
                 image_root = image_root or guessed_root
             ds = load_coco(path, image_root=image_root, on_error=on_error)
-    return ds.verify_images(on_error) if verify_images else ds
+    ds = ds.verify_images(on_error) if verify_images else ds
+    if len(ds) == 0:
+        skipped = " (every one was skipped as bad)" if on_error == "skip" else ""
+        raise DatasetError(f"{ds.root}: split {split!r} of {path_or_spec} holds no images{skipped}. "
+                           "Fix: point at the folder that holds the images, or choose another split.")
+    return ds

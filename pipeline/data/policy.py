@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from teacher_cache.views import check_policy_epochs, phase_epochs, policy_phase
+
 
 @dataclass(frozen=True)
 class AugPolicy:
@@ -42,21 +44,16 @@ class AugPolicy:
         size = self.output_size
         size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
         object.__setattr__(self, "output_size", size)
-        object.__setattr__(self, "epochs", tuple(int(e) for e in self.epochs))
+        object.__setattr__(self, "epochs", check_policy_epochs(self.epochs))
         if self.mosaic_tile is None:
             object.__setattr__(self, "mosaic_tile", size[0] // 2)
-        e0, e1, e2 = self.epochs
-        if not 0 <= e0 <= e1 <= e2:
-            raise ValueError(f"policy epochs must satisfy 0 <= e0 <= e1 <= e2, got {self.epochs}")
 
     def phase(self, epoch: int) -> int:
-        e0, e1, e2 = self.epochs
-        return 1 if epoch < e0 else 2 if epoch < e1 else 3 if epoch < e2 else 4
+        return policy_phase(self.epochs, epoch)
 
     def phase_epochs(self, phase: int) -> range:
         """The epochs of ``phase`` (phase 4 is open-ended: ``range(e2, e2 + 1)`` stands for it)."""
-        e0, e1, e2 = self.epochs
-        return {1: range(0, e0), 2: range(e0, e1), 3: range(e1, e2), 4: range(e2, e2 + 1)}[phase]
+        return phase_epochs(self.epochs, phase)
 
     @classmethod
     def from_recipe(cls, recipe, output_size: int = 640) -> "AugPolicy":

@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import random
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import islice
@@ -34,6 +35,7 @@ from urllib.parse import urlparse
 
 import fsspec
 import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 from webdataset.gopen import gopen, gopen_schemes
@@ -41,6 +43,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from detector.checkpoint import atomic_write
 from pipeline.data.dataset import DatasetError, decode
+from teacher_cache.store import require_bucket
 
 FORMAT = "rtdetrv4-shards-v1"
 MANIFEST = "manifest.json"
@@ -57,10 +60,11 @@ def member_stem(key: str) -> str:
     return key.replace("%", "%25").replace(".", "%2E")
 
 
-def _index_tar(path: Path) -> list[list]:
-    """[[ext, image offset, image size, json offset, json size], ...] of a shard, in sample order."""
+def _index_tar(f) -> list[list]:
+    """[[ext, image offset, image size, json offset, json size], ...] of a shard (an open binary
+    file), in sample order."""
     rows, current = [], {}
-    with tarfile.open(path) as tar:
+    with tarfile.open(fileobj=f) as tar:
         for m in tar:
             stem, ext = m.name.split(".", 1)
             if current and current["stem"] != stem:
@@ -86,26 +90,31 @@ def _manifest_header(dataset, shard_size: int) -> dict:
 
 
 def write_shards(dataset, out_dir: str | Path, shard_size: int = 1000, progress: bool = True) -> dict:
-    """Write ``dataset`` as WebDataset shards under ``out_dir``; returns the manifest.
+    """Write ``dataset`` as WebDataset shards under ``out_dir`` (a path or an fsspec URL such as
+    ``s3://bucket/prefix``); returns the manifest.
 
-    Resumable: a shard is written to a temp file and renamed when complete; complete shards
-    already present are kept (and re-indexed). Refuses to mix shards of a different dataset or
-    shard size in one directory.
+    Resumable: a shard is written to a temp file and renamed (local) or uploaded in one PUT
+    (object storage) when complete; complete shards already present are kept (and re-indexed).
+    Refuses to mix shards of a different dataset or shard size in one directory.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir)
+    fs, root = fsspec.core.url_to_fs(out)
+    local = isinstance(fs, LocalFileSystem)
+    if not local:
+        require_bucket(fs, root, out)
+    fs.makedirs(root, exist_ok=True)
     header = _manifest_header(dataset, shard_size)
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+    manifest_path = f"{root}/{MANIFEST}"
+    if fs.isfile(manifest_path):
+        old = json.loads(fs.cat_file(manifest_path))
         for field in ("format", "dataset_hash", "num_samples", "shard_size"):
             if old.get(field) != header[field]:
                 raise DatasetError(
-                    f"{manifest_path}: existing shards have {field}={old.get(field)!r}, this run "
+                    f"{join_url(out, MANIFEST)}: existing shards have {field}={old.get(field)!r}, this run "
                     f"{header[field]!r}. Fix: write to a new --out directory or delete {out}.")
-    manifest_path.write_text(json.dumps({**header, "complete": False}, indent=1))
+    fs.pipe_file(manifest_path, json.dumps({**header, "complete": False}, indent=1).encode())
 
     n = len(dataset)
     num_shards = math.ceil(n / shard_size)
@@ -113,26 +122,51 @@ def write_shards(dataset, out_dir: str | Path, shard_size: int = 1000, progress:
     bar = tqdm(total=n, desc=f"shards -> {out}", unit="img", disable=not progress)
     for k in range(num_shards):
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-        path = out / shard_name(k)
-        if not path.is_file():
-            with atomic_write(path) as f, wds.TarWriter(f, encoder=False, mtime=0.0) as sink:
-                for i in range(lo, hi):
-                    data, annotation = dataset.raw(i)
-                    ext = dataset.image_path(i).suffix.lstrip(".").lower() or "jpg"
-                    sink.write({"__key__": member_stem(annotation["key"]), ext: data,
-                                "json": json.dumps({**annotation, "index": i}).encode()})
-        rows = _index_tar(path)
+        path = f"{root}/{shard_name(k)}"
+        if not fs.isfile(path):
+            if local:
+                for stale in fs.glob(f"{path}.tmp*") + fs.glob(f"{root}/.{shard_name(k)}.tmp-*"):
+                    fs.rm_file(stale)   # the temp file of an interrupted run
+                with atomic_write(path) as f:
+                    _write_tar(f, dataset, lo, hi)
+            else:   # object stores have no rename: build locally, then one atomic PUT
+                with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+                    _write_tar(tmp, dataset, lo, hi)
+                    tmp.flush()
+                    fs.put_file(tmp.name, path)
+        with fs.open(path, "rb") as f:
+            rows = _index_tar(f)
         if len(rows) != hi - lo:
-            raise DatasetError(f"{path}: holds {len(rows)} samples, expected {hi - lo}. "
+            raise DatasetError(f"{join_url(out, shard_name(k))}: holds {len(rows)} samples, expected {hi - lo}. "
                                f"Fix: delete the file and run again to rewrite it.")
-        shards.append({"name": path.name, "count": len(rows), "first_index": lo})
+        shards.append({"name": shard_name(k), "count": len(rows), "first_index": lo})
         index.append(rows)
         bar.update(hi - lo)
     bar.close()
-    (out / INDEX).write_text(json.dumps({"shard_size": shard_size, "shards": index}))
+    fs.pipe_file(f"{root}/{INDEX}", json.dumps({"shard_size": shard_size, "shards": index}).encode())
     manifest = {**header, "complete": True, "num_shards": num_shards, "shards": shards}
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+    fs.pipe_file(manifest_path, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _write_tar(f, dataset, lo: int, hi: int) -> None:
+    with wds.TarWriter(f, encoder=False, mtime=0.0) as sink:
+        for i in range(lo, hi):
+            data, annotation = dataset.raw(i)
+            ext = dataset.image_path(i).suffix.lstrip(".").lower() or "jpg"
+            sink.write({"__key__": member_stem(annotation["key"]), ext: data,
+                        "json": json.dumps({**annotation, "index": i}).encode()})
+
+
+def is_shard_set(source: str | Path | None) -> bool:
+    """True when ``source`` (a path or fsspec URL) holds a ``jobs.make_shards`` manifest."""
+    if source is None:
+        return False
+    if _is_local(str(source)):
+        return Path(str(source).removeprefix("file://"), MANIFEST).is_file()
+    fs, root = fsspec.core.url_to_fs(str(source))
+    require_bucket(fs, root, str(source))
+    return fs.isfile(f"{root.rstrip('/')}/{MANIFEST}")
 
 
 # ----------------------------------------------------------------------------------- locations

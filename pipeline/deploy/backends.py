@@ -99,7 +99,7 @@ class OnnxRuntimeBackend:
 
 
 class TensorRTBackend:
-    """A serialised TensorRT engine (see pipeline/trt_engine.py), on CUDA."""
+    """A serialised TensorRT engine (see pipeline/deploy/trt_engine.py), on CUDA."""
 
     name = "tensorrt"
     device = "cuda"

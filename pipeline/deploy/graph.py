@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from detector import build_detector
-from detector.checkpoint import detect_size, load_checkpoint
+from detector.checkpoint import _extract_state, detect_size, load_checkpoint, read_checkpoint
 from detector.deploy import DeployModel, export_onnx
 from detector.postprocessor import PostProcessor
 from pipeline.deploy import onnx_check
 from pipeline.deploy.backends import OnnxRuntimeBackend, TorchBackend
+from pipeline.deploy.compare import compare_detections
 from pipeline.deploy.trt_engine import build_engine, image_profile, tensorrt_status
 
 PARITY_TOL = 1e-3  # max abs diff on boxes (pixels) and scores after postprocessing
@@ -44,10 +45,9 @@ def build_deploy_graph(size: str, checkpoint: str | None = None, num_classes: in
 
 
 def _checkpoint_state(path: str) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict):
-        return {}
-    state = (ckpt.get("ema") or {}).get("module") or ckpt.get("model") or ckpt
+    """The detector weights of a checkpoint (EMA preferred); a file that is not a readable, intact
+    RT-DETRv4 checkpoint is refused with its path named (detector.checkpoint.read_checkpoint)."""
+    state, _ = _extract_state(read_checkpoint(path), str(path))
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -80,9 +80,9 @@ def export_onnx_checked(built: Built, path: str | Path, image_size: int = 640, o
                 dynamic_batch=True, check=False)
     summary = onnx_check.check_interface(path)
     images, sizes = onnx_check.random_inputs(2, image_size, orig_size=(800, 600))
-    parity = onnx_check.compare_outputs(TorchBackend(built.graph).detections(images, sizes),
-                                         OnnxRuntimeBackend(path, threads=threads).detections(images, sizes),
-                                         reference="torch fp32 cpu", candidate="onnxruntime fp32 cpu")
+    parity = compare_detections(TorchBackend(built.graph).detections(images, sizes),
+                                OnnxRuntimeBackend(path, threads=threads).detections(images, sizes),
+                                "torch fp32 cpu", "onnxruntime fp32 cpu", mode="parity")
     parts = sorted(set(onnx_check.training_only_parts(path)) | set(training_only_modules(built.graph)))
     return {"onnx": str(path), "graph": summary, "parity": parity.to_dict(),
             "parity_ok": parity.max_abs_diff_boxes <= PARITY_TOL and parity.max_abs_diff_scores <= PARITY_TOL,
@@ -105,3 +105,23 @@ def maybe_build_engine(onnx_path: str | Path, image_size: int, fp16: bool, max_b
     spec = image_profile(image_size, max_batch=max_batch, fp16=fp16, tf32=tf32, fp32_layers=tuple(fp32_layers))
     path = build_engine(onnx_path, spec, cache_dir=cache_dir)
     return path, f"TensorRT {spec.precision} engine: {path} ({why})"
+
+
+def build_rtdetrv2_graph(weights: str | None = None, num_classes: int | None = None) -> Built:
+    """The RT-CO-DETR student (RT-DETRv2-R50vd from transformers) with our postprocessor, from a
+    local transformers directory or random weights (``jobs.benchmark_t4 --student rtdetrv2_r50``)."""
+    import warnings
+
+    from detector.rtdetrv2_student import build_rtdetrv2_student
+
+    if weights is not None and num_classes is None:
+        import json
+        config = json.loads((Path(weights) / "config.json").read_text())
+        num_classes = len(config.get("id2label") or {}) or int(config.get("num_labels", 80))
+    num_classes = num_classes or 80
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # random weights are what a complexity/latency benchmark needs
+        student = build_rtdetrv2_student(num_classes, weights=weights)
+    top = min(300, student.cfg.num_queries * num_classes)   # 300 as officially; fewer for tiny test models
+    graph = DeployModel(student.deploy(), PostProcessor(num_classes=num_classes, num_top_queries=top)).eval()
+    return Built(graph, "rtdetrv2_r50", num_classes, weights or "random weights")

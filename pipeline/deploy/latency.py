@@ -8,6 +8,7 @@ and the mean reported. On CUDA the call is bracketed by CUDA events, on CPU by p
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -82,20 +83,36 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], n_warmup: int = 3,
                         batch: int = 1, progress: bool = False) -> dict[str, LatencyStats]:
     """CPU timing of several backends round-robin (call 1 of each, then call 2 of each, ...), so a
     change in machine load hits all of them alike and their ratios stay meaningful."""
-    for fn in fns.values():
+    say = _Progress(progress)
+    for k, fn in fns.items():
+        say(f"warm-up {k}: {n_warmup} calls", force=True)
         for _ in range(n_warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    iters = range(n_iters)
-    if progress:
-        from tqdm import tqdm
-        iters = tqdm(iters, desc="timing (round-robin)", unit="round", leave=False, disable=None)
-    for _ in iters:
+    start = time.perf_counter()
+    for i in range(n_iters):
         for k, fn in fns.items():
             t0 = time.perf_counter_ns()
             fn()
             samples[k].append((time.perf_counter_ns() - t0) / 1e6)
+        eta = (time.perf_counter() - start) / (i + 1) * (n_iters - i - 1)
+        say(f"timing round {i + 1}/{n_iters}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in samples.items())
+            + f"; ETA {eta:.0f} s", force=i == 0)
     return {k: LatencyStats.from_samples(v, n_warmup, batch, "perf_counter, round-robin") for k, v in samples.items()}
+
+
+class _Progress:
+    """Progress lines on stderr at most every ``every_s`` seconds (plain lines, so they also show in
+    a log file, where a tqdm bar stays silent)."""
+
+    def __init__(self, enabled: bool, every_s: float = 15.0):
+        self.enabled, self.every_s, self.last = enabled, every_s, -float("inf")
+
+    def __call__(self, line: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.enabled and (force or now - self.last >= self.every_s):
+            print(f"  {line}", file=sys.stderr, flush=True)
+            self.last = now
 
 
 def cpu_name() -> str:

@@ -1,4 +1,5 @@
-"""Checks on an exported deploy graph: interface, absence of training-only parts, parity with torch.
+"""Checks on an exported deploy graph: interface and absence of training-only parts (parity with
+torch: ``pipeline.deploy.compare.compare_detections(..., mode="parity")``).
 
 The interface is the official one (tools/deployment/export_onnx.py): inputs `images` [N,3,H,W]
 float in [0,1] and `orig_target_sizes` [N,2] (w,h) int64, outputs `labels`, `boxes` (xyxy
@@ -7,11 +8,9 @@ pixels), `scores`, postprocessing (sigmoid, top-k, scaling) inside the graph, dy
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 # Name fragments of modules that exist only for training (DSI projector, VFM teacher).
 TRAINING_ONLY = ("projector", "teacher", "dinov", "vfm")
@@ -53,48 +52,6 @@ def check_interface(onnx_path: str | Path) -> dict:
     if any(isinstance(d, int) and d > 0 for d in batch_dims):
         raise ValueError(f"{onnx_path}: batch dimension is fixed ({batch_dims}); export with dynamic_batch=True")
     return s
-
-
-@dataclass
-class Parity:
-    """Agreement of a candidate's (labels, boxes, scores) with a reference after postprocessing."""
-
-    reference: str
-    candidate: str
-    max_abs_diff_boxes: float
-    max_abs_diff_scores: float
-    label_agreement: float
-    n_compared: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def compare_outputs(ref, cand, reference: str = "torch fp32", candidate: str = "onnxruntime fp32",
-                    tie_tol: float = 1e-4) -> Parity:
-    """Max abs differences between two top-k detection lists, after pairing them per image.
-
-    Two backends may order near-equal scores differently, and the last of the top-k may differ
-    when several queries tie at the cut, so each reference detection (except those within
-    `tie_tol` of the cut score) is paired with a candidate detection by minimum
-    (box L1 + score difference, label mismatch forbidden) assignment, and differences are
-    taken over the pairs. Identical lists pair in order.
-    """
-    rl, rb, rs = (torch.as_tensor(x).double() for x in ref)
-    cl, cb, cs = (torch.as_tensor(x).double() for x in cand)
-    box_d, score_d, same, n = 0.0, 0.0, 0, 0
-    for i in range(rl.shape[0]):
-        keep = rs[i] > rs[i].min() + tie_tol
-        if not keep.any():
-            continue
-        cost = (rb[i][keep, None] - cb[i][None]).abs().sum(-1) + (rs[i][keep, None] - cs[i][None]).abs()
-        cost = cost + 1e6 * (rl[i][keep, None] != cl[i][None])
-        r, c = linear_sum_assignment(cost.numpy())
-        box_d = max(box_d, float((rb[i][keep][r] - cb[i][c]).abs().max()))
-        score_d = max(score_d, float((rs[i][keep][r] - cs[i][c]).abs().max()))
-        same += int((rl[i][keep][r] == cl[i][c]).sum())
-        n += len(r)
-    return Parity(reference, candidate, box_d, score_d, same / max(n, 1), n)
 
 
 def random_inputs(batch: int = 1, size: int = 640, seed: int = 0, orig_size: tuple[int, int] | None = None):

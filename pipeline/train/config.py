@@ -16,34 +16,86 @@ def _f(default, help: str, **flag):
     return field(default=default, metadata={"help": help, **flag})
 
 
+def _class_map_flag(value: str):
+    """--class-map: ``name``, ``slice`` or a JSON object."""
+    if value in ("name", "slice"):
+        return value
+    try:
+        mapping = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not name, slice or JSON ({e}); e.g. "
+                                         '\'{"bottle": "Clear plastic bottle"}\'') from e
+    if not isinstance(mapping, dict):
+        raise argparse.ArgumentTypeError(f"{value!r}: the JSON must be an object {{teacher: student}}")
+    return mapping
+
+
 @dataclass
 class TrainConfig:
     size: str = _f("s", "RT-DETRv4 size", choices=["s", "m", "l", "x"])
+    student: str = _f("rtdetrv4", "student: rtdetrv4 (of --size) or rtdetrv2_r50 (RT-CO-DETR's RT-DETR-L: "
+                                  "transformers' RT-DETRv2-R50vd)", choices=["rtdetrv4", "rtdetrv2_r50"])
+    student_weights: str | None = _f(None, "rtdetrv2_r50: local transformers directory to start from "
+                                           "(none: random init, loud warning)")
+    recipe: str | None = _f(None, "training recipe (default: the RT-DETRv4 recipe of --size; rt-co-detr: the "
+                                  "RT-CO-DETR paper's AdamW 5e-5 / wd 1e-4 / 50 epochs / batch 16 per GPU)",
+                            choices=["rtdetrv4", "rt-co-detr"])
+    lr: float | None = _f(None, "base learning rate (default: the recipe's)")
+    weight_decay: float | None = _f(None, "AdamW weight decay (default: the recipe's)")
+    schedule: str | None = _f(None, "LR schedule (default: the recipe's; flat-cosine for RT-DETRv4, plateau for "
+                                    "rt-co-detr)", choices=["flat-cosine", "multistep", "plateau"])
+    ema: bool = _f(True, "evaluate and keep an EMA of the weights (--no-ema: the raw weights)")
     data: str | None = _f(None, "COCO json/dir, YOLO dir (data.yaml) or a jobs.make_shards directory "
                                 "(default: the embedded synthetic dataset)")
-    val_data: str | None = _f(None, "validation set (default: the val split of --data)")
-    out: str = _f("runs/train", "checkpoints, metrics.jsonl, TensorBoard logs")
+    val_data: str | None = _f(None, "validation set (default: the --val-split of --data)")
+    train_split: str = _f("train", "split trained on: a YOLO data.yaml key (train, val, ...) or a COCO split "
+                                   "(train2017)")
+    val_split: str = _f("val", "split evaluated on (of --val-data, else of --data)")
+    out: str | None = _f(None, "run directory (default: runs/<name>); an existing non-empty one is never written "
+                               "into: <out>2, <out>3, ... (like Ultralytics) unless --exist-ok")
+    name: str = _f("train", "run name: the run directory is runs/<name> (without --out)")
+    exist_ok: bool = _f(False, "write into an existing run directory instead of incrementing its name")
     epochs: int | None = _f(None, "default: the size's recipe; fewer epochs scale every milestone")
     batch_size: int | None = _f(None, "per process (default: the recipe's total batch / world size)")
     img_size: int = _f(640, "training input size")
     workers: int = _f(2, "DataLoader workers per process")
     seed: int = _f(0, "seed of the augmentation plan and of the model initialisation")
     # distillation
-    distill: str = _f("dsi", "dsi: RT-DETRv4 (VFM teacher, DSI+GAM); codetr: RT-CO-DETR (detector teacher)",
-                      choices=["dsi", "codetr", "none"])
-    teacher_checkpoint: str | None = _f(None, "RT-CO-DETR teacher: a detector checkpoint (ours or official)")
-    class_map: dict | None = _f(None, 'RT-CO-DETR: JSON {"teacher_label": student_label}', type=json.loads)
+    distill: str = _f("dsi", "dsi: RT-DETRv4 (VFM teacher, DSI+GAM); codetr: RT-CO-DETR (detector teacher); "
+                             "feat: feature-only MSE from the --vfm teacher (the RT-DisDINOv3 ablation)",
+                      choices=["dsi", "codetr", "feat", "none"])
+    teacher_checkpoint: str | None = _f(None, "RT-CO-DETR teacher: a transformers detector directory (Conditional-"
+                                              "DETR, DETR, Deformable-DETR, RT-DETR) or a detector .pth (ours/official)")
+    teacher_input_size: int | None = _f(None, "RT-CO-DETR teacher input size (default: its preprocessor_config.json; "
+                                              "640: the authors' setting)")
+    class_map: dict | str | None = _f(None, 'RT-CO-DETR classes: name (default: by id2label name), slice (the '
+                                            'authors\' first-K columns) or JSON {"teacher": "student"} (indices or names)',
+                                      type=_class_map_flag)
+    lambda_feat: float | None = _f(None, "RT-CO-DETR / feat: feature-MSE weight (default 1.0)")
+    lambda_cls: float | None = _f(None, "RT-CO-DETR: tau^2 KL weight (default 0.8)")
+    lambda_box: float | None = _f(None, "RT-CO-DETR: box L1 weight (default 1.2)")
+    temperature: float | None = _f(None, "RT-CO-DETR: KL temperature tau (default 4)")
+    det_loss: bool = _f(True, "the detection loss on the labels (--no-det-loss: distillation terms only, the "
+                              "authors' stage 1; fine-tune afterwards with --finetune)")
     pairing: str = _f("hungarian", "RT-CO-DETR query pairing (index = the reference implementation)",
                       choices=["hungarian", "index"])
     cache: str | None = _f(None, "teacher-feature store written by jobs.cache_teacher")
+    strict_cache: bool = _f(False, "stop the run (naming shard and view) when a cached view is missing or damaged, "
+                                   "instead of computing it with the online teacher")
+    mixup_group: int | None = _f(None, "MixUp partners roll(1) inside groups of this many slots of the global batch "
+                                       "(default: 4, the official per-GPU batch of L/X; smaller when the per-rank "
+                                       "batch is); part of the training plan")
     vfm: str = _f("dinov3_vitb", "online teacher (fallback for views the cache lacks)")
     weights: str | None = _f(None, "local teacher weights (.pth / .safetensors); none: random init (loud warning)")
     teacher_precision: str = _f("auto", "teacher precision (auto: bf16 where its cosine to fp32 >= 0.999)",
                                 choices=["fp32", "bf16", "auto"])
     gam: bool = _f(True, "GAM adapts the DSI weight (--no-gam: keep it fixed)")
+    gam_rule: str = _f("released", "GAM update: released (the official odds-ratio step) or paper (Eq. 11: "
+                       "lambda * (rho +- delta) / share, toward the far band edge)", choices=["released", "paper"])
     distill_weight: float | None = _f(None, "initial (or static) DSI weight lambda (default: the size's)")
     # resume / init
-    resume: str | None = _f(None, "training checkpoint to continue exactly (e.g. OUT/last.pth)", group="init")
+    resume: str | None = _f(None, "run directory (its last.pth) or training checkpoint to continue exactly; the run "
+                                  "continues in that directory", group="init")
     finetune: str | None = _f(None, "weights to start from (ours or an official RT-DETRv4/DEIM .pth)", group="init")
     # numerics
     amp: str = _f("auto", "mixed precision (auto: bf16 on CUDA where supported, else fp16; off on CPU)",
@@ -54,6 +106,8 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "also write last.pth every N steps (mid-epoch resume; 0: per epoch only)")
     max_steps_per_epoch: int | None = _f(None, "cap the epoch length (smoke runs)")
     eval_max_images: int | None = _f(None, "evaluate on at most N validation images")
+    patience: int | None = _f(None, "early stopping: stop when the val AP has not improved for N epochs")
+    save_period: int = _f(0, "also keep epoch<N>.pth (resumable) every N epochs (0: only last.pth and best.pth)")
     device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
 
 

@@ -2,6 +2,7 @@
 trainer needs. A plain ``python -m jobs.train`` runs as a world of one with no process group."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -69,11 +70,27 @@ def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def all_gather_floats(value: float) -> list[float]:
     """``value`` from every rank (a once-per-epoch consistency record, e.g. the GAM weight)."""
+    return all_gather_objects(float(value))
+
+
+def all_gather_objects(value) -> list:
+    """Any picklable ``value`` from every rank, in rank order."""
     if not (dist.is_available() and dist.is_initialized()):
         return [value]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of every parameter, in order: DDP keeps them identical on every rank, so the
+    per-epoch record of it shows the ranks did not drift apart. Buffers are left out: BatchNorm
+    statistics move locally in each forward and DDP re-broadcasts rank 0's before the next one."""
+    h = hashlib.sha256()
+    for name, t in module.named_parameters():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def cleanup() -> None:

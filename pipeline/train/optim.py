@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Iterable, Mapping
 
 import torch
@@ -72,8 +73,8 @@ def flat_cosine_lr(it: int, base: float, *, total_iter: int, warmup_iter: int, f
 class FlatCosineSchedule:
     """Per-iteration schedule for every param group from its ``initial_lr``. The official trainer
     calls ``step(global_iter)`` right AFTER the optimizer step of ``global_iter`` (so iteration i
-    trains with lr(i-1)); do the same to reproduce it exactly. Construction sets lr(0) = 0 for
-    iteration 0 (official: base/500 from a LinearWarmup object that is never stepped again)."""
+    trains with lr(i-1)); the Trainer does the same. Construction sets lr(0) = 0 for iteration 0
+    (official: base/500 from a LinearWarmup object that is never stepped again)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, iters_per_epoch: int, epochs: int,
                  flat_epoch: int, no_aug_epoch: int, warmup_iter: int = 2000, lr_gamma: float = 0.5):
@@ -112,3 +113,86 @@ class FlatCosineSchedule:
         self.__dict__.update(state)
         if self.last_iter >= 0:
             self.step(self.last_iter)
+
+
+class _EpochSchedule:
+    """Base of the per-epoch schedules: a linear warm-up over ``warmup_iter`` iterations, then
+    ``base * scale`` where ``scale`` changes only at epoch ends."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, iters_per_epoch: int, warmup_iter: int = 0):
+        self.optimizer = optimizer
+        self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        self.iters_per_epoch, self.warmup_iter = iters_per_epoch, warmup_iter
+        self.scale, self.last_iter = 1.0, -1
+        self.step(0)
+
+    def _factor(self, it: int) -> float:
+        warm = min(1.0, it / self.warmup_iter) if self.warmup_iter else 1.0
+        return warm * self.scale
+
+    def step(self, it: int) -> None:
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * self._factor(it)
+        self.last_iter = it
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.last_iter >= 0:
+            self.step(self.last_iter)
+
+
+class MultiStepSchedule(_EpochSchedule):
+    """lr = base * gamma^(number of milestones passed), milestones in epochs (torch MultiStepLR)."""
+
+    def __init__(self, optimizer, iters_per_epoch: int, milestones, gamma: float = 0.1, warmup_iter: int = 0):
+        self.milestones, self.gamma = tuple(milestones), gamma
+        super().__init__(optimizer, iters_per_epoch, warmup_iter)
+
+    def _factor(self, it: int) -> float:
+        epoch = it // max(1, self.iters_per_epoch)
+        self.scale = self.gamma ** sum(epoch >= m for m in self.milestones)
+        return super()._factor(it)
+
+    def end_epoch(self, metric: float) -> None:
+        pass
+
+
+class PlateauSchedule(_EpochSchedule):
+    """lr *= factor when the validation AP has not improved for ``patience`` epochs (torch
+    ReduceLROnPlateau, mode max; the authors monitored their validation distillation loss)."""
+
+    def __init__(self, optimizer, iters_per_epoch: int, factor: float = 0.2, patience: int = 5, warmup_iter: int = 0):
+        self.factor, self.patience = factor, patience
+        self.best, self.bad_epochs = float("-inf"), 0
+        super().__init__(optimizer, iters_per_epoch, warmup_iter)
+
+    def end_epoch(self, metric: float) -> None:
+        if metric > self.best:
+            self.best, self.bad_epochs = metric, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.scale *= self.factor
+            self.bad_epochs = 0
+            self.step(self.last_iter)
+
+
+def build_schedule(optimizer, recipe: Recipe, iters_per_epoch: int):
+    """The recipe's LR schedule; every one has ``step(global_iter)`` and ``state_dict``; the epoch
+    schedules also ``end_epoch(val_ap)``."""
+    if recipe.schedule == "flat-cosine":
+        recipe = replace(recipe, warmup_iter=max(1, recipe.warmup_iter))   # its warm-up divides by it
+        return FlatCosineSchedule.from_recipe(optimizer, recipe, iters_per_epoch)
+    if recipe.schedule == "multistep":
+        return MultiStepSchedule(optimizer, iters_per_epoch, recipe.milestones or (round(recipe.epochs * 2 / 3),),
+                                 gamma=recipe.lr_gamma, warmup_iter=recipe.warmup_iter)
+    if recipe.schedule == "plateau":
+        return PlateauSchedule(optimizer, iters_per_epoch, factor=recipe.lr_gamma, patience=recipe.plateau_patience,
+                               warmup_iter=recipe.warmup_iter)
+    raise ValueError(f"unknown schedule {recipe.schedule!r}: flat-cosine, multistep or plateau")

@@ -44,9 +44,17 @@ class Recipe:
     total_batch_size: int = 32
     mosaic_prob: float = 0.5
     mixup_prob: float = 0.5
+    schedule: str = "flat-cosine"  # or "multistep" (x lr_gamma at each milestone) / "plateau" (val AP)
+    milestones: tuple[int, ...] = ()
+    plateau_patience: int = 5
+    batch_per_process: int | None = None   # a per-GPU batch (RT-CO-DETR) instead of total / world size
+    ema: bool = True
 
     def iters(self, iters_per_epoch: int) -> int:
         return self.epochs * iters_per_epoch
+
+    def process_batch(self, world_size: int) -> int:
+        return self.batch_per_process or max(1, self.total_batch_size // world_size)
 
 
 def _recipe(size, epochs, lr, backbone_lr, wd, bb, nr, flat, no_aug, policy, stop, repeat, restart):
@@ -63,6 +71,18 @@ RECIPES: dict[str, Recipe] = {
     "l": _recipe("l", 58, 5e-4, 2.5e-5, 1.25e-4, _LX_BACKBONE, _LX_NORM, 29, 8, (4, 29, 50), 50, 4, 0.9999),
     "x": _recipe("x", 58, 5e-4, 5e-6, 1.25e-4, _LX_BACKBONE, _LX_NORM, 29, 8, (4, 29, 50), 50, 3, 0.9998),
 }
+
+
+_NOTHING = r"(?!)"   # a group regex that matches no parameter: one AdamW group, as the authors used
+
+# RT-CO-DETR (nam-htran/RT-CO-DETR, src/distillation/trainer_codetr.py): AdamW lr 5e-5, wd 1e-4 on every
+# parameter, batch 16 per GPU at 640, 50 epochs, ReduceLROnPlateau(factor 0.2, patience 5) with no
+# warm-up. The augmentation phases are those of the --size recipe, compressed to 50 epochs.
+def rt_co_detr_recipe(size: str = "l") -> Recipe:
+    base = scale_recipe(RECIPES[size], 50)
+    return replace(base, lr=5e-5, backbone_lr=5e-5, weight_decay=1e-4, backbone_regex=_NOTHING, norm_regex=_NOTHING,
+                   warmup_iter=0, schedule="plateau", lr_gamma=0.2, plateau_patience=5, milestones=(33,),
+                   batch_per_process=16, clip_max_norm=0.1)
 
 
 def get_recipe(size: str, **overrides) -> Recipe:
@@ -84,8 +104,25 @@ def scale_recipe(recipe: Recipe, epochs: int) -> Recipe:
                    gam=replace(recipe.gam, stop_epoch=stop))
 
 
-def resolve_recipe(size: str, epochs: int | None = None) -> Recipe:
-    """The recipe a run of ``size`` follows, compressed to ``epochs`` when given: the one resolver
-    that ``jobs.train`` and ``jobs.cache_teacher`` share, so both see the same phases."""
-    recipe = get_recipe(size)
-    return recipe if epochs is None or epochs == recipe.epochs else scale_recipe(recipe, epochs)
+def resolve_recipe(size: str, epochs: int | None = None, name: str | None = None, **overrides) -> Recipe:
+    """The recipe a run of ``size`` follows (``name="rt-co-detr"``: the RT-CO-DETR paper's), compressed
+    to ``epochs`` when given, with ``overrides`` (lr, weight_decay, schedule, ema; None = keep): the
+    one resolver that ``jobs.train`` and ``jobs.cache_teacher`` share, so both see the same phases."""
+    if name not in (None, "rtdetrv4", "rt-co-detr"):
+        raise ValueError(f"unknown --recipe {name!r}; choose rtdetrv4 or rt-co-detr")
+    recipe = rt_co_detr_recipe(size) if name == "rt-co-detr" else get_recipe(size)
+    if epochs is not None and epochs != recipe.epochs:
+        f = epochs / recipe.epochs
+        recipe = replace(scale_recipe(recipe, epochs), milestones=tuple(max(1, round(m * f)) for m in recipe.milestones))
+    if overrides.get("lr") is not None and recipe.backbone_lr == recipe.lr:
+        overrides["backbone_lr"] = overrides["lr"]
+    elif overrides.get("lr") is not None:   # keep the backbone / base ratio of the released configs
+        overrides["backbone_lr"] = recipe.backbone_lr * overrides["lr"] / recipe.lr
+    return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def recipe_from_config(cfg) -> Recipe:
+    """The recipe of a :class:`pipeline.train.config.TrainConfig`."""
+    return resolve_recipe(cfg.size, cfg.epochs, getattr(cfg, "recipe", None), lr=getattr(cfg, "lr", None),
+                          weight_decay=getattr(cfg, "weight_decay", None), schedule=getattr(cfg, "schedule", None),
+                          ema=getattr(cfg, "ema", None))

@@ -5,7 +5,7 @@ state, data position (epoch, batch) and the RNG streams (torch, CUDA, numpy, pyt
 The layout keeps the official top-level names (``model``, ``ema: {module, updates}``,
 ``optimizer``, ``scaler``, ``last_epoch``) so ``detector.load_checkpoint`` and the official
 tools read the weights; the rest is ours. Writes are atomic (temp file + rename), so a job killed
-while saving leaves the previous checkpoint intact.
+while saving leaves the previous checkpoint intact, and carry a sha256 of every tensor, checked at load.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.checkpoint import atomic_write
+from detector.checkpoint import read_checkpoint, save_verified
 
 FORMAT = "rtdetrv4-train-v1"
 
@@ -36,9 +36,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj: dict, path: str | Path) -> Path:
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-    return Path(path)
+    """Atomic write with a checksum of every tensor (detector.checkpoint.save_verified)."""
+    return save_verified(obj, path)
+
+
+def check_resume_layout(path: str | Path, state: dict, world_size: int, batch_size: int) -> None:
+    """An exact resume replays the same per-rank batches and RNG streams, so it needs the world size and
+    per-process batch size the checkpoint was written with; anything else is refused, saying why."""
+    saved = (state.get("world_size"), state.get("batch_size"))
+    if saved[0] is not None and saved[0] != world_size:
+        raise ValueError(f"--resume {path}: written by {saved[0]} process(es), this run has {world_size}. An exact "
+                         "resume replays each rank's batches and random streams, which depend on the world size: "
+                         f"resume with --nproc_per_node {saved[0]}, or start a new run with --finetune {path}")
+    if saved[1] is not None and saved[1] != batch_size:
+        raise ValueError(f"--resume {path}: written with --batch-size {saved[1]} per process, this run has "
+                         f"{batch_size}. The batch plan and the step count depend on it: resume with --batch-size "
+                         f"{saved[1]}, or start a new run with --finetune {path}")
 
 
 def load_train_state(path: str | Path, size: str) -> dict:
@@ -46,7 +59,7 @@ def load_train_state(path: str | Path, size: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint (the trainer writes <out>/last.pth)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path, "--resume")  # refuses damaged, truncated and non-finite checkpoints
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"--resume {path}: not a training checkpoint of this project (no format={FORMAT!r}); "
                          "to start from weights only use --finetune")

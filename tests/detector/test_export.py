@@ -12,7 +12,7 @@ SIZE = 160  # smallest square input with >= 300 anchors (20^2 + 10^2 + 5^2)
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    model = seeded_detector("s")
+    model = seeded_detector("s").float()   # float64-calibrated parity weights, exported in float32
     path = tmp_path_factory.mktemp("onnx") / "rtdetrv4_s.onnx"
     report = export_onnx(model, PostProcessor(num_classes=80), path, size=SIZE)
     return model, report
@@ -63,3 +63,26 @@ def test_detection_differences_catches_a_wrong_box():
 def test_export_rejects_bad_size(tmp_path):
     with pytest.raises(ValueError, match="multiple of 32"):
         export_onnx(torch.nn.Identity(), PostProcessor(), tmp_path / "x.onnx", size=100)
+
+
+def _declared_shapes(path):
+    import onnx
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    return {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+
+
+def test_declared_output_shapes_dynamic_batch(exported):
+    _, report = exported
+    assert _declared_shapes(report.path) == {"labels": ["N", 300], "boxes": ["N", 300, 4], "scores": ["N", 300]}
+
+
+def test_declared_output_shapes_batch1(tmp_path):
+    import onnxruntime as ort
+    path = tmp_path / "rtdetrv4_s_b1.onnx"
+    report = export_onnx(seeded_detector("s").float(), PostProcessor(num_classes=80, num_top_queries=100), path,
+                         size=SIZE, dynamic_batch=False)
+    assert report.max_abs_diff["labels"] == 0 and report.max_abs_diff["scores"] <= 1e-4
+    assert _declared_shapes(path) == {"labels": [1, 100], "boxes": [1, 100, 4], "scores": [1, 100]}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.shape for o in sess.get_outputs()] == [[1, 100], [1, 100, 4], [1, 100]]
+    assert sess.get_inputs()[0].shape == [1, 3, SIZE, SIZE]

@@ -54,10 +54,17 @@ def test_clamps():
     assert released_update(5.0, 1e-7, 1, S) == (1e-7, "unchanged")      # lambda too small
 
 
-def test_proportional_rule():
-    cfg = GAMConfig.for_size("s", rule="proportional")
-    assert released_update(5.0, 5.0, 1, cfg)[0] == pytest.approx(11.0)  # 5 * 11/5
+def test_paper_rule_eq11_moves_toward_the_far_edge():
+    """Paper Eq. 11 by hand (S: rho 11, delta 1): below the band lambda * (rho + delta) / p, above it
+    lambda * (rho - delta) / p; no clamps (the released 10x clamp would give 50 for p = 0.1)."""
+    cfg = GAMConfig.for_size("s", rule="paper")
+    assert released_update(5.0, 5.0, 1, cfg) == (12.0, "adjusted_to_12.00%")     # 5 * 12 / 5
+    assert released_update(20.0, 5.0, 1, cfg) == (2.5, "adjusted_to_10.00%")     # 5 * 10 / 20
+    assert released_update(0.1, 5.0, 1, cfg)[0] == pytest.approx(600.0)          # 5 * 12 / 0.1
     assert released_update(11.5, 5.0, 1, cfg) == (5.0, "unchanged")
+    assert released_update(0.0, 5.0, 1, cfg) == (20.0, "reset_to_default_zero_grad")
+    with pytest.raises(ValueError, match="--gam-rule"):
+        released_update(5.0, 5.0, 1, GAMConfig.for_size("s", rule="proportional"))
 
 
 # -- measurement ---------------------------------------------------------------------------------

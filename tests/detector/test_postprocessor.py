@@ -42,11 +42,24 @@ def test_category_remap_and_errors():
         PostProcessor(2, 4, category_ids=[1, 2, 3])
 
 
+def test_boxes_are_clipped_to_each_image():
+    """A box overhanging the image (cx 0.9, w 0.6 -> x1 = 1.2 w) ends at the image border."""
+    outputs = {"pred_logits": torch.tensor([[[2.0], [1.0]]]),
+               "pred_boxes": torch.tensor([[[0.9, 0.1, 0.6, 0.4], [0.5, 0.5, 0.2, 0.2]]])}
+    sizes = torch.tensor([[200, 100]])
+    (res,) = PostProcessor(1, 2)(outputs, sizes)
+    torch.testing.assert_close(res["boxes"], torch.tensor([[120.0, 0.0, 200.0, 30.0], [80.0, 40.0, 120.0, 60.0]]))
+    _, boxes, _ = PostProcessor(1, 2).deploy()(outputs, sizes)
+    torch.testing.assert_close(boxes[0], res["boxes"])
+    (raw,) = PostProcessor(1, 2, clip_boxes=False)(outputs, sizes)
+    assert raw["boxes"][0, 2] == pytest.approx(240.0) and raw["boxes"][0, 1] == pytest.approx(-10.0)
+
+
 def test_matches_official_and_deploy_form():
     outputs, sizes = pp_inputs()
     ref = torch.load(REF)["postprocess"]
-    results = PostProcessor(7, 30)(outputs, sizes)
-    labels, boxes, scores = PostProcessor(7, 30).deploy()(outputs, sizes)
+    results = PostProcessor(7, 30, clip_boxes=False)(outputs, sizes)   # the official code does not clip
+    labels, boxes, scores = PostProcessor(7, 30, clip_boxes=False).deploy()(outputs, sizes)
     for key, value in (("labels", labels), ("boxes", boxes), ("scores", scores)):
         assert torch.equal(value, ref[key])
         assert torch.equal(torch.stack([r[key] for r in results]), ref[key])
@@ -77,5 +90,6 @@ def test_onnx_export_dynamic_batch(tmp_path):
     ref = torch.load(REF)["postprocess"]
     assert labels.shape == (4, 30)
     assert (labels == torch.cat([ref["labels"]] * 2).numpy()).all()
-    torch.testing.assert_close(torch.from_numpy(boxes), torch.cat([ref["boxes"]] * 2), atol=1e-4, rtol=0)
+    clipped = torch.minimum(ref["boxes"].clamp(min=0), sizes.repeat(1, 2)[:, None].float())   # official + clip
+    torch.testing.assert_close(torch.from_numpy(boxes), torch.cat([clipped] * 2), atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.from_numpy(scores), torch.cat([ref["scores"]] * 2), atol=1e-6, rtol=0)

@@ -13,7 +13,8 @@ from pipeline.deploy import report as rep
 def test_benchmark_job_falls_back_and_labels_everything(tmp_path, taco_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a machine without TensorRT
     out = tmp_path / "bench"
-    r = main(["--size", "s", "--image-size", "320", "--warmup", "1", "--iters", "2", "--threads", "1",
+    # --cpu-bf16 on: the bf16 row whatever this CPU's bf16 support (auto is tested in test_bf16_choice)
+    r = main(["--size", "s", "--image-size", "320", "--warmup", "1", "--iters", "2", "--threads", "1", "--cpu-bf16", "on",
               "--images", str(taco_dir / "images"), "--n-images", "2", "--ap", "s=49.8", "--out", str(out)])
     err = capsys.readouterr().err
     assert "TensorRT benchmark not possible: tensorrt is not installed" in err
@@ -43,3 +44,23 @@ def test_benchmark_job_falls_back_and_labels_everything(tmp_path, taco_dir, monk
 def test_checkpoint_needs_one_size():
     with pytest.raises(SystemExit):
         main(["--size", "s", "l", "--checkpoint", "x.pth"])
+
+
+def test_cpu_bf16_row_follows_the_rule(monkeypatch):
+    """--cpu-bf16 auto asks teacher_cache.bf16; its 'no' is recorded with the reason; on/off force it."""
+    from types import SimpleNamespace
+
+    from jobs import benchmark_t4
+    from teacher_cache import bf16
+
+    monkeypatch.setattr(bf16, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr("torch.backends.cpu.get_cpu_capability", lambda: "AVX2")
+    calls = []
+    fake = SimpleNamespace(prepare=lambda *a: a, infer=lambda *a: calls.append(1))
+    args = SimpleNamespace(cpu_bf16="auto", batch=1, image_size=32)
+    report = {"unavailable": []}
+    assert not benchmark_t4.cpu_bf16_row(args, fake, fake, report)
+    assert calls == [] and report["unavailable"][0]["what"] == "torch bf16 cpu"
+    assert "no native bf16" in report["unavailable"][0]["reason"]
+    assert benchmark_t4.cpu_bf16_row(SimpleNamespace(cpu_bf16="on"), fake, fake, report)
+    assert not benchmark_t4.cpu_bf16_row(SimpleNamespace(cpu_bf16="off"), fake, fake, report)

@@ -132,10 +132,13 @@ def test_weights_that_do_not_fit_are_refused(vits, tmp_path):
         build_teacher("dinov3_vits", weights=tmp_path / "absent.pth")
 
 
-def test_precision_choice_is_measured(vits):
+def test_precision_choice_is_measured(vits, monkeypatch):
+    from teacher_cache import bf16
+
     x = torch.rand(2, 3, 64, 64)
     assert choose_precision(vits, x, "fp32") == ("fp32", None)
-    assert choose_precision(vits, x, "auto") == ("fp32", None)  # CPU: official fp32
+    monkeypatch.setattr(bf16, "native_bf16_flags", lambda: [])   # a CPU without native bf16 (test_bf16_choice)
+    assert choose_precision(vits, x, "auto") == ("fp32", None)  # CPU without native bf16: official fp32
     precision, fid = choose_precision(vits, x, "bf16", threshold=0.0)
     assert precision == "bf16" and 0.9 < fid <= 1.0001
     assert choose_precision(vits, x, "bf16", threshold=1.01)[0] == "fp32"

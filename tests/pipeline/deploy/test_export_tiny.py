@@ -47,17 +47,17 @@ def test_onnxruntime_matches_torch_any_batch(tiny):
     ort_b, torch_b = OnnxRuntimeBackend(path, threads=1), TorchBackend(net)
     for batch in (1, 3):  # dynamic batch
         images, sizes = onnx_check.random_inputs(batch, 64, seed=batch, orig_size=(500, 375))
-        p = onnx_check.compare_outputs(torch_b.detections(images, sizes), ort_b.detections(images, sizes))
+        p = compare_detections(torch_b.detections(images, sizes), ort_b.detections(images, sizes), mode="parity")
         assert p.max_abs_diff_boxes <= 1e-3 and p.max_abs_diff_scores <= 1e-3
         assert p.label_agreement == 1.0 and p.n_compared > 0
 
 
-def test_compare_outputs_detects_a_wrong_graph(tiny):
+def test_parity_detects_a_wrong_graph(tiny):
     net, path = tiny
     images, sizes = onnx_check.random_inputs(1, 64)
     ref = TorchBackend(net).detections(images, sizes)
     wrong = (ref[0], ref[1] * 1.01, ref[2])
-    assert onnx_check.compare_outputs(ref, wrong).max_abs_diff_boxes > 1e-3
+    assert compare_detections(ref, wrong, mode="parity").max_abs_diff_boxes > 1e-3
 
 
 def test_bf16_vs_fp32_divergence_on_tiny_net(tiny):

@@ -1,5 +1,5 @@
-"""Training from the teacher-feature cache: planned views are replayed with their cached grids,
-the online teacher fills in what the store lacks, and foreign stores are refused by name."""
+"""Training from a budget teacher store (--views K): planned views are replayed with their cached
+grids, the online teacher fills in what the store lacks, and foreign stores are refused by name."""
 from __future__ import annotations
 
 import math
@@ -40,7 +40,7 @@ def test_cached_targets_match_the_online_teacher(store, tmp_path):
     checked = 0
     for epoch in range(EPOCHS):
         for index in range(64):                      # shard 0: cached
-            image, target = items[(epoch, index)]
+            image, target = items[(epoch, 0, 0, index)]   # (epoch, step, slot, index) of the plan
             cached = target["teacher"]
             assert cached is not None
             online = teacher(image[None])[0]
@@ -48,7 +48,7 @@ def test_cached_targets_match_the_online_teacher(store, tmp_path):
             checked += 1
             if index == 3:
                 break
-        image, target = items[(epoch, 200)]         # shard 3: never written
+        image, target = items[(epoch, 0, 0, 200)]   # shard 3: never written
         assert target["teacher"] is None
     assert checked == 2 * 4
 

@@ -1,0 +1,401 @@
+"""Everything that needs a GPU, in one command of at most ~8 minutes on one GPU.
+
+    python -m benchmarks.gpu_suite --out $OUT            # on the GPU machine (docs/gpu.md)
+    python -m benchmarks.gpu_suite --dry-run --out /tmp/s  # the same code paths on the CPU, tiny
+
+Sections, each in its own process under its own time budget (a section that fails or runs out of
+time is recorded with what it finished, and the suite goes on):
+
+1. ``tests``: ``pytest -m gpu`` (every CUDA-marked test).
+2. ``cache``: ``jobs.cache_teacher`` (exact mode, in-process, no Ray) views/s on the GPU against the
+   teacher's forward-only views/s at the same batch and precision (target >= 0.8); its store feeds 3.
+3. ``train_runs``: 20-step ``jobs.train`` runs of S: bf16, fp16 + GradScaler, and bf16 with the
+   exact cache of 2.
+4. ``throughput``: training samples/s at 640, batch 16, S and L: no distillation, online teacher
+   (ViT-B fp32 as official, and bf16), exact cache; peak memory of each; modes stepped round-robin.
+5. ``deploy``: latency at batch 1, 640, S/M/L/X: torch fp16 eager, ``torch.compile``, CUDA graph
+   replay, onnxruntime-gpu (CUDA execution provider) where it is installed; labelled with the
+   device (never as T4 numbers).
+
+Writes ``gpu_suite.json`` (device name, driver, torch/CUDA versions, every record) and
+``gpu_suite.md`` (one table) to ``--out`` (default ``$OUT``). ``--dry-run``: CPU, tiny image size,
+2 steps, size s only, no compile (CUDA graphs and CUDA-only records are marked skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+# seconds per section; with process start-up the whole suite stays under 8 minutes
+BUDGETS = {"tests": 80, "cache": 60, "train_runs": 110, "throughput": 120, "deploy": 85}
+DRY_BUDGETS = {"tests": 150, "cache": 300, "train_runs": 400, "throughput": 400, "deploy": 300}
+
+
+# ------------------------------------------------------------------------------------------ plan
+def plan(dry: bool) -> dict:
+    """Sizes of every section: the GPU plan, or the tiny CPU one of --dry-run."""
+    if dry:
+        return dict(device="cpu", img=160, deploy_img=160, batch=2, steps=2, train_steps=2, sizes=["s"],
+                    deploy_sizes=["s"], amps=["off"], compile=False, warmup=1, iters=2,
+                    pytest=["tests/detector/test_criterion.py"])
+    return dict(device="cuda", img=640, deploy_img=640, batch=16, steps=6, train_steps=20, sizes=["s", "l"],
+                deploy_sizes=["s", "m", "l", "x"], amps=["bf16", "fp16"], compile=True,
+                warmup=10, iters=50, pytest=["tests"])
+
+
+class Records:
+    """Append-only JSON lines, so a section killed at its budget keeps what it finished."""
+
+    def __init__(self, path: Path, section: str):
+        self.path, self.section = path, section
+
+    def __call__(self, name: str, **fields) -> dict:
+        rec = {"section": self.section, "name": name, **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+        print(f"[{self.section}] {name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in fields.items()), flush=True)
+        return rec
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_reset(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str):
+    import torch
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+
+
+# -------------------------------------------------------------------------------------- sections
+def section_tests(p: dict, work: Path, rec: Records) -> None:
+    # a test module whose imports the GPU image lacks (moto, s3fs, ...) must not stop the CUDA ones
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors", *p["pytest"]]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    tail = (r.stdout + r.stderr)[-3000:]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", tail)}
+    rec("pytest -m gpu", status="ok" if r.returncode in (0, 5) else "failed", rc=r.returncode, **counts,
+        tail=tail[-1200:])
+
+
+def _cache_args(p: dict, store: Path) -> list[str]:
+    return ["--out", str(store), "--size", "s", "--epochs", "1", "--input-size", str(p["img"]),
+            "--global-batch", str(p["batch"]), "--batch-size", str(p["batch"]),
+            "--steps-per-shard", str(p["train_steps"]), "--max-shards", "1", "--no-ray", "--quiet",
+            "--precision", "bf16" if p["device"] == "cuda" else "fp32"]
+
+
+def section_cache(p: dict, work: Path, rec: Records) -> None:
+    import torch
+    from jobs import cache_teacher
+    from teacher_cache.teachers import build_teacher
+    store = work / "exact_cache"
+    t0 = time.perf_counter()
+    cache_teacher.main(_cache_args(p, store))
+    _sync(p["device"])
+    job_s = time.perf_counter() - t0
+    views = p["train_steps"] * p["batch"]
+    precision = "bf16" if p["device"] == "cuda" else "fp32"
+    teacher = build_teacher("dinov3_vitb", precision=precision).to(p["device"])
+    x = torch.rand(p["batch"], 3, p["img"], p["img"], device=p["device"])
+    teacher(x)
+    _sync(p["device"])
+    t0 = time.perf_counter()
+    for _ in range(p["train_steps"]):
+        teacher(x)
+    _sync(p["device"])
+    fwd_s = time.perf_counter() - t0
+    job, fwd = views / job_s, views / fwd_s
+    rec("cache_teacher vs forward-only", status="ok", views=views, batch=p["batch"], precision=precision,
+        job_views_per_s=job, forward_views_per_s=fwd, ratio=job / fwd, target=0.8,
+        note="job time includes decode/augment/render, writing and start-up")
+
+
+def section_train_runs(p: dict, work: Path, rec: Records) -> None:
+    store = work / "exact_cache"
+    runs = [(f"jobs.train S {amp}", amp, None) for amp in p["amps"]]
+    runs.append((f"jobs.train S {p['amps'][0]} + exact cache", p["amps"][0], store))
+    for name, amp, cache in runs:
+        if cache is not None and not store.exists():
+            rec(name, status="skipped", reason="no store (the cache section did not finish)")
+            continue
+        out = work / re.sub(r"\W+", "_", name)
+        cmd = [sys.executable, "-m", "jobs.train", "--size", "s", "--epochs", "1", "--img-size", str(p["img"]),
+               "--batch-size", str(p["batch"]), "--max-steps-per-epoch", str(p["train_steps"]), "--amp", amp,
+               "--device", p["device"], "--workers", "2", "--eval-max-images", str(p["batch"]), "--out", str(out),
+               "--teacher-precision", "bf16" if p["device"] == "cuda" else "fp32"]
+        if cache is not None:
+            # not --strict-cache: the loader's prefetch reads past --max-steps-per-epoch, beyond the
+            # cached steps; the hit rate of the logged steps is the check
+            cmd += ["--cache", str(cache)]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        metrics = _last_metrics(out)
+        rec(name, status="ok" if r.returncode == 0 else "failed", rc=r.returncode,
+            seconds=time.perf_counter() - t0, loss=metrics.get("loss"), samples_per_s=metrics.get("samples_per_s"),
+            cache_hit_rate=metrics.get("cache_hit_rate"),
+            tail=(r.stdout + r.stderr)[-800:] if r.returncode else "")
+
+
+def _last_metrics(out: Path) -> dict:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    lines = path.read_text().strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def section_throughput(p: dict, work: Path, rec: Records) -> None:
+    import torch
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trainer import Trainer
+    store = work / "exact_cache"
+    for size in p["sizes"]:
+        base = dict(size=size, epochs=1, img_size=p["img"], batch_size=p["batch"], workers=2, device=p["device"],
+                    amp=p["amps"][0])
+        modes = {"none": dict(distill="none"),
+                 "online fp32": dict(distill="dsi", teacher_precision="fp32"),
+                 "online bf16": dict(distill="dsi", teacher_precision="bf16")}
+        if store.exists():
+            modes["cache"] = dict(distill="dsi", cache=str(store), teacher_precision="bf16")
+        runs = {}
+        for mode, extra in modes.items():
+            try:
+                trainer = Trainer(TrainConfig(out=str(work / f"tp_{size}_{mode.replace(' ', '_')}"), **base, **extra))
+                trainer.model.train()
+                loader = iter(trainer.data.train_loader(0, 0))
+                batches = [next(loader) for _ in range(p["steps"])]
+                _peak_reset(p["device"])
+                trainer.train_step(*batches[0])     # untimed warm-up; its peak memory is a step's
+                _sync(p["device"])
+                runs[mode] = (trainer, batches[1:], _peak_gib(p["device"]))
+            except Exception as e:  # noqa: BLE001 - a mode that cannot run is recorded, not fatal
+                rec(f"train {size.upper()} {mode}", status="failed", error=f"{type(e).__name__}: {e}"[:500])
+        spent = dict.fromkeys(runs, 0.0)
+        order = list(runs)
+        for step in range(p["steps"] - 1):
+            order = order[1:] + order[:1]
+            for mode in order:
+                trainer, batches, _ = runs[mode]
+                _sync(p["device"])
+                t0 = time.perf_counter()
+                trainer.train_step(*batches[step])
+                _sync(p["device"])
+                spent[mode] += time.perf_counter() - t0
+        for mode, (trainer, _, peak) in runs.items():
+            n = (p["steps"] - 1) * p["batch"]
+            rec(f"train {size.upper()} {mode}", status="ok", img=p["img"], batch=p["batch"], amp=p["amps"][0],
+                samples_per_s=n / spent[mode], peak_mem_gib=peak,
+                cache_hit_rate=trainer.data.teacher_stats().get("cache_hit_rate"))
+            del trainer
+        runs.clear()
+        if p["device"] == "cuda":
+            torch.cuda.empty_cache()
+
+
+def section_deploy(p: dict, work: Path, rec: Records) -> None:
+    import torch
+    from pipeline.deploy.backends import TorchBackend
+    from pipeline.deploy.graph import build_deploy_graph
+    from pipeline.deploy.latency import device_info, measure
+    info = device_info(p["device"] == "cuda")
+    cuda = p["device"] == "cuda"
+    precision = "fp16" if cuda else "fp32"
+    img = p["deploy_img"]
+    for size in p["deploy_sizes"]:
+        built = build_deploy_graph(size)
+        images = torch.rand(1, 3, img, img)
+        sizes = torch.tensor([[img, img]])
+        common = dict(device=info["name"], is_t4=info["is_t4"], size=size, batch=1, img=img)
+        eager = TorchBackend(built.graph, p["device"], precision)
+        x = eager.prepare(images, sizes)
+        stats = measure(lambda: eager.infer(*x), p["warmup"], p["iters"], cuda=cuda)
+        rec(f"{size.upper()} torch {precision} eager", status="ok", median_ms=stats.to_dict().get("median_ms"),
+            **common)
+        if cuda:
+            try:
+                replay = cuda_graph(eager, *x)
+                stats = measure(replay, p["warmup"], p["iters"], cuda=True)
+                rec(f"{size.upper()} CUDA graph {precision}", status="ok", median_ms=stats.to_dict().get("median_ms"),
+                    **common)
+            except Exception as e:  # noqa: BLE001
+                rec(f"{size.upper()} CUDA graph {precision}", status="failed", error=f"{type(e).__name__}: {e}"[:500],
+                    **common)
+        else:
+            rec(f"{size.upper()} CUDA graph", status="skipped", reason="needs CUDA", **common)
+        onnx_latency(built, size, img, images, sizes, p, work, rec, common)
+        del built, eager
+        if cuda:
+            torch.cuda.empty_cache()
+    for size in p["deploy_sizes"]:   # last: compiling takes tens of seconds per model
+        common = dict(device=info["name"], is_t4=info["is_t4"], size=size, batch=1, img=img)
+        name = f"{size.upper()} torch.compile {precision}"
+        if not p["compile"]:
+            rec(name, status="skipped", reason="--dry-run: no compile", **common)
+            continue
+        try:
+            comp = TorchBackend(build_deploy_graph(size).graph, p["device"], precision, compile=True)
+            x = comp.prepare(torch.rand(1, 3, img, img), torch.tensor([[img, img]]))
+            stats = measure(lambda: comp.infer(*x), 3, p["iters"], cuda=cuda)
+            rec(name, status="ok", median_ms=stats.to_dict().get("median_ms"), **common)
+        except Exception as e:  # noqa: BLE001
+            rec(name, status="failed", error=f"{type(e).__name__}: {e}"[:500], **common)
+
+
+def cuda_graph(backend, images, sizes):
+    """Capture one inference of ``backend`` (static inputs) and return its replay."""
+    import torch
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            backend.infer(images, sizes)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        backend.infer(images, sizes)
+    return graph.replay
+
+
+def onnx_latency(built, size, img, images, sizes, p, work, rec, common) -> None:
+    name = f"{size.upper()} onnxruntime {'CUDA EP' if p['device'] == 'cuda' else 'CPU EP (dry run)'}"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        rec(name, status="skipped", reason="onnxruntime not installed", **common)
+        return
+    if p["device"] == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        rec(name, status="skipped", reason=f"onnxruntime-gpu not installed (providers: "
+            f"{ort.get_available_providers()})", **common)
+        return
+    from detector.deploy import export_onnx
+    from pipeline.deploy.backends import OnnxRuntimeBackend
+    from pipeline.deploy.latency import measure
+    path = work / f"rtdetrv4_{size}.onnx"
+    try:
+        export_onnx(built.graph.model, built.graph.postprocessor, path, size=img, check=False)
+        backend = OnnxRuntimeBackend(path, device=p["device"])
+        feeds = backend.prepare(images, sizes)
+        stats = measure(lambda: backend.infer(*feeds), p["warmup"], p["iters"])
+        rec(name, status="ok", median_ms=stats.to_dict().get("median_ms"), fp="fp32", **common)
+    except Exception as e:  # noqa: BLE001
+        rec(name, status="failed", error=f"{type(e).__name__}: {e}"[:500], **common)
+
+
+SECTIONS = {"tests": section_tests, "cache": section_cache, "train_runs": section_train_runs,
+            "throughput": section_throughput, "deploy": section_deploy}
+
+
+# ----------------------------------------------------------------------------------- the driver
+def environment() -> dict:
+    import torch
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+           "driver": None}
+    try:
+        env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return env
+
+
+def run_section(name: str, budget: float, dry: bool, work: Path, records: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.gpu_suite", "--section", name, "--work", str(work),
+           "--records", str(records)] + (["--dry-run"] if dry else [])
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1"}
+    try:
+        r = subprocess.run(cmd, cwd=REPO, timeout=budget, capture_output=True, text=True, env=env)
+        status = "ok" if r.returncode == 0 else "failed"
+        log = r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        status, log = "timed out", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    seconds = time.perf_counter() - t0
+    print(f"== {name}: {status} in {seconds:.0f} s (budget {budget:.0f} s)", flush=True)
+    return {"status": status, "seconds": seconds, "budget_s": budget, "log_tail": log[-2000:]}
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# GPU suite{' (dry run, CPU)' if report['dry_run'] else ''}: {env['device']}",
+             "", f"driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}; "
+             f"total {report['seconds']:.0f} s", "",
+             "| section | record | status | result |", "| --- | --- | --- | --- |"]
+    keys = ("samples_per_s", "peak_mem_gib", "median_ms", "ratio", "job_views_per_s", "forward_views_per_s",
+            "cache_hit_rate", "passed", "failed", "skipped", "loss", "reason", "error")
+    for name, sec in report["sections"].items():
+        recs = [r for r in report["records"] if r["section"] == name]
+        if not recs or sec["status"] != "ok":
+            lines.append(f"| {name} | (section) | {sec['status']} | {sec['seconds']:.0f} s of {sec['budget_s']:.0f} s |")
+        for r in recs:
+            result = ", ".join(f"{k} {_fmt(r[k])}" for k in keys if r.get(k) is not None)
+            lines.append(f"| {name} | {r['name']} | {r['status']} | {result.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="report folder (default: $OUT)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the same code paths")
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    ap.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)   # worker process
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--records", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.section:
+        SECTIONS[args.section](plan(args.dry_run), Path(args.work), Records(Path(args.records), args.section))
+        return None
+    if not args.out:
+        ap.error("--out is required when $OUT is not set")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = DRY_BUDGETS if args.dry_run else BUDGETS
+    if not args.dry_run:
+        import torch
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device: run on the GPU machine, or pass --dry-run")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        records = Path(tmp) / "records.jsonl"
+        records.touch()
+        sections = {name: run_section(name, budgets[name], args.dry_run, Path(tmp), records)
+                    for name in args.sections}
+        recs = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    report = {"environment": environment(), "dry_run": args.dry_run, "seconds": time.perf_counter() - t0,
+              "sections": sections, "records": recs}
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "gpu_suite.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

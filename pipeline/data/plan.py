@@ -1,0 +1,261 @@
+"""The training plan: every random decision of a run fixed per (epoch, global step), independent
+of the world size. The trainer (with or without ``--cache``) and ``jobs.cache_teacher`` read the
+same plan, so the cache job can render every step exactly as the trainer will.
+
+For epoch ``e`` and global step ``s`` the plan fixes
+- the global batch: ``randperm(N)`` seeded by ``seed + e`` (as ``DistributedSampler``), step ``s``
+  taking positions ``[s*G, (s+1)*G)``; the ``N mod G`` leftover samples of the epoch are dropped;
+- each sample's augmentation record: ``sample_record(seed, e, index, ...)``, fresh every epoch;
+- the step's multi-scale size and MixUp decision and weight, drawn once for the whole global
+  batch from ``default_rng([seed, e, s, _STEP])``;
+- the MixUp partners: ``roll(1)`` inside consecutive groups of ``mixup_group`` slots.
+
+Rank ``r`` of ``W`` takes the contiguous slots ``[r*G/W, (r+1)*G/W)``, which must be whole MixUp
+groups: any such world size sees the same samples, images and targets at every step.
+Departures from the official per-rank draws are listed (with why they are equivalent in
+distribution) in docs/cache.md, section "The training plan".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from pipeline.data.augment import AugRecord, apply_record, sample_record
+from pipeline.data.collate import BatchRecord, apply_batch_record, multiscale_sizes
+from pipeline.data.load import load_dataset
+from pipeline.data.policy import AugPolicy
+
+PLAN_VERSION = 1
+_STEP = 0x5CA1E  # the random stream of the step-level draws (apart from the per-sample ops)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    num_samples: int
+    global_batch: int
+    epochs: int
+    policy: AugPolicy = field(default_factory=AugPolicy)
+    seed: int = 0
+    mixup_prob: float = 0.5
+    mixup_epochs: tuple[int, int] = (4, 29)
+    stop_epoch: int = 50                      # multi-scale for epochs < stop_epoch
+    scales: tuple[int, ...] | None = None     # None: no multi-scale
+    mixup_group: int = 4                      # official: roll(1) inside each rank's batch of 4 (L, 8 GPUs)
+    dataset_hash: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "mixup_epochs", tuple(int(e) for e in self.mixup_epochs))
+        if self.scales is not None:
+            object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
+        if self.global_batch <= 0 or self.global_batch % self.mixup_group:
+            raise ValueError(f"the global batch {self.global_batch} must be a positive multiple of the MixUp "
+                             f"group {self.mixup_group} (--mixup-group)")
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{self.num_samples} training samples make no global batch of {self.global_batch}: "
+                             "lower --batch-size")
+
+    @classmethod
+    def from_recipe(cls, recipe, num_samples: int, global_batch: int, seed: int = 0, base_size: int = 640,
+                    mixup_group: int | None = None, dataset_hash: str = "") -> "TrainPlan":
+        """The plan of a :class:`pipeline.train.recipe.Recipe` (phases, MixUp, multi-scale list)."""
+        group = mixup_group if mixup_group is not None else min(4, global_batch)
+        return cls(num_samples=num_samples, global_batch=global_batch, epochs=recipe.epochs,
+                   policy=AugPolicy.from_recipe(recipe, output_size=base_size), seed=seed,
+                   mixup_prob=recipe.mixup_prob, mixup_epochs=recipe.mixup_epochs, stop_epoch=recipe.stop_epoch,
+                   scales=tuple(multiscale_sizes(base_size, recipe.base_size_repeat)), mixup_group=group,
+                   dataset_hash=dataset_hash)
+
+    # --- the global schedule ---------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    @property
+    def base_size(self) -> int:
+        return self.policy.output_size[0]
+
+    def order(self, epoch: int) -> list[int]:
+        return _order(self.num_samples, self.seed + epoch)
+
+    def samples(self, epoch: int, step: int) -> list[int]:
+        """The dataset indices of the global batch of ``step``, slot by slot."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside the plan's {self.steps_per_epoch} steps per epoch")
+        return self.order(epoch)[step * self.global_batch:(step + 1) * self.global_batch]
+
+    def step_record(self, epoch: int, step: int) -> BatchRecord:
+        """The step's size and MixUp draw, shared by every rank (``indices``: the global batch)."""
+        rng = np.random.default_rng([self.seed, epoch, step, _STEP])
+        mixup = bool(rng.random() < self.mixup_prob) and self.mixup_epochs[0] <= epoch < self.mixup_epochs[1]
+        beta = round(float(rng.uniform(0.45, 0.55)), 6) if mixup else None
+        resized = self.scales is not None and epoch < self.stop_epoch
+        size = int(self.scales[int(rng.integers(len(self.scales)))]) if resized else self.base_size
+        return BatchRecord(epoch=epoch, size=size, resized=resized, mixup=mixup, beta=beta,
+                           indices=self.samples(epoch, step), keys=[], step=step, group=self.mixup_group)
+
+    def grid(self, epoch: int, step: int) -> tuple[int, int]:
+        """The teacher grid (stride 32) of the step's images."""
+        size = self.step_record(epoch, step).size
+        return size // 32, size // 32
+
+    def aug_record(self, epoch: int, index: int, annotation: dict) -> AugRecord:
+        return sample_record(self.seed, epoch, index, self.policy, self.num_samples,
+                             (annotation["width"], annotation["height"]), annotation["boxes"])
+
+    # --- ranks ----------------------------------------------------------------------------
+    def check_world(self, world_size: int) -> int:
+        """The per-rank batch for ``world_size``; a clear error when it does not split the global
+        batch into whole MixUp groups (then the ranks could not see the plan's batches)."""
+        g, G = self.mixup_group, self.global_batch
+        if world_size <= 0 or G % world_size or (G // world_size) % g:
+            ok = [w for w in range(1, G + 1) if G % w == 0 and (G // w) % g == 0]
+            raise ValueError(f"world size {world_size} does not split the plan's global batch {G} into whole "
+                             f"MixUp groups of {g}: use a world size in {ok}, or another --batch-size / "
+                             "--mixup-group (which makes another plan)")
+        return G // world_size
+
+    def rank_slots(self, rank: int, world_size: int) -> range:
+        b = self.check_world(world_size)
+        return range(rank * b, (rank + 1) * b)
+
+    # --- identity -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["policy"] = self.policy.to_dict()
+        return {"version": PLAN_VERSION, **json.loads(json.dumps(d))}
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return (f"plan {self.hash()}: {self.num_samples} samples, {self.epochs} epochs x {self.steps_per_epoch} "
+                f"steps of {self.global_batch} (MixUp groups of {self.mixup_group}), seed {self.seed}")
+
+
+@lru_cache(maxsize=4)
+def _order(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def resume_compatible(saved: dict, plan: TrainPlan, world_size: int) -> str | None:
+    """Why a checkpoint's plan (``TrainPlan.to_dict()`` saved with it) cannot continue as ``plan`` on
+    ``world_size`` ranks, or None when it can: the step index is global, so any world size that
+    splits the same global batch into whole MixUp groups resumes the very same sample stream."""
+    if saved.get("version") != PLAN_VERSION:
+        return f"the checkpoint's training plan has version {saved.get('version')}, this code {PLAN_VERSION}"
+    mine = plan.to_dict()
+    diff = sorted(k for k in mine if k in saved and saved[k] != mine[k])
+    if diff:
+        return f"the checkpoint was trained with another plan ({', '.join(diff)} differ)"
+    try:
+        plan.check_world(world_size)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+# --- the data path ---------------------------------------------------------------------------
+class PlanSampler(Sampler):
+    """Batch sampler of one rank: per global step, its slots as ``(epoch, step, slot, index)``
+    items; :meth:`set_epoch` can start part-way through an epoch (mid-epoch resume)."""
+
+    def __init__(self, plan: TrainPlan, rank: int = 0, world_size: int = 1):
+        self.plan, self.slots = plan, plan.rank_slots(rank, world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
+
+    def batches_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def __iter__(self):
+        order, G = self.plan.order(self.epoch), self.plan.global_batch
+        for step in range(self.start, self.plan.steps_per_epoch):
+            yield [(self.epoch, step, slot, order[step * G + slot]) for slot in self.slots]
+
+    def __len__(self) -> int:
+        return self.plan.steps_per_epoch - self.start
+
+
+class PlanDataset(torch.utils.data.Dataset):
+    """Item ``(epoch, step, slot, index)`` -> the planned sample (``convert=True``: model input).
+    ``join(epoch, step, slot, index) -> dict`` (e.g. the cached teacher view) is merged into the
+    target; ``record_fn(epoch, index, annotation)`` replaces the plan's fresh record (budget stores
+    replay a cached view's)."""
+
+    def __init__(self, dataset, plan: TrainPlan, join=None, convert: bool = True, record_fn=None):
+        self.dataset, self.plan, self.join, self.convert = dataset, plan, join, convert
+        self.record_fn = record_fn or plan.aug_record
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, step, slot, index = item
+        record = self.record_fn(epoch, index, self.dataset.annotation(index))
+        image, target = self.dataset[index]
+        image, target = apply_record(record, image, target, load_partner=self.dataset.__getitem__,
+                                     convert=self.convert)
+        target.update(step=step, slot=slot, index=index)
+        if self.join is not None:
+            target.update(self.join(epoch, step, slot, index))
+        return image, target
+
+
+class PlanCollate:
+    """Stack a rank's slots of one step and replay the step's MixUp and multi-scale resize.
+    Returns ``(images [B,3,S,S], targets, BatchRecord)`` (``indices``/``keys``: this rank's)."""
+
+    def __init__(self, plan: TrainPlan):
+        self.plan = plan
+
+    def set_epoch(self, epoch: int) -> None:  # the epoch travels with the items
+        pass
+
+    def __call__(self, items):
+        images = torch.stack([x[0] for x in items])
+        targets = [x[1] for x in items]
+        epoch = targets[0]["record"]["epoch"]
+        steps = {t["step"] for t in targets}
+        if len(steps) != 1:
+            raise ValueError(f"a plan batch must hold one step, got steps {sorted(steps)}")
+        batch = self.plan.step_record(epoch, steps.pop())
+        batch.indices, batch.keys = [t["index"] for t in targets], [t.get("key", "") for t in targets]
+        images, targets = apply_batch_record(batch, images, targets)
+        return images, targets, batch
+
+
+def render_step(plan: TrainPlan, dataset, epoch: int, step: int):
+    """The whole global batch of a step exactly as the trainer's ranks build it (float32
+    [G,3,S,S] after MixUp and resize), its targets and record: what the cache job feeds the teacher."""
+    items = PlanDataset(dataset, plan)
+    return PlanCollate(plan)([items[(epoch, step, slot, index)] for slot, index in
+                              enumerate(plan.samples(epoch, step))])
+
+
+class PlanRenderer:
+    """``render(epoch, step) -> (float32 [G,3,S,S], sample indices)`` for the cache job's workers
+    (the dataset is loaded lazily in each worker; the object pickles small)."""
+
+    def __init__(self, data: str | None, split: str, plan: TrainPlan):
+        self.data, self.split, self.plan, self._dataset = data, split, plan, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_dataset": None}
+
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = load_dataset(self.data, split=self.split)
+        return self._dataset
+
+    def __call__(self, epoch: int, step: int):
+        images, _, batch = render_step(self.plan, self.dataset, epoch, step)
+        return images.numpy(), batch.indices
