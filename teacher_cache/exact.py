@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from detector.checkpoint import atomic_write
 
 from .quantize import DTYPES, bytes_per_token
-from .store import StoreError, StoreMismatch, _read_json, _write_json, keys_sha256, teacher_identity
+from .store import StoreError, StoreMismatch, ViewError, _read_json, _write_json, keys_sha256, teacher_identity
 
 FORMAT = "rtdetrv4-teacher-cache-exact"
 FORMAT_VERSION = 1
@@ -40,13 +40,6 @@ _PREFIX = struct.Struct("<8sQI")
 _NP = {"int8": np.int8, "int4": np.uint8, "float16": np.float16}
 MISS_RETRY_S = 10.0  # a shard not there yet is looked for again after this long
 
-
-class ViewError(StoreError):
-    """One view cannot be served: ``kind`` is "missing" (not written yet) or "damaged"."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 class ExactStore:

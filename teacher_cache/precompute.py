@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .quantize import encode
-from .store import Store
+from .store import Store, ViewError
 from .teachers import build_teacher
 
 
@@ -277,7 +277,8 @@ def _ray_batches(store, spec, render, rows, batch_size, num_workers, render_work
 
 def verify(store: Store, teacher=None, render=None, samples: int = 8, seed: int = 0) -> dict:
     """Check a store against its plan: manifest consistent, every (image, view) present exactly
-    once, and ``samples`` random views re-computed online (mean per-token cosine)."""
+    once, every view's bytes read back against its CRC-32C, and ``samples`` random views
+    re-computed online (mean per-token cosine; a problem below 0.99)."""
     problems = []
     plan = store.plan
     if plan.hash() != store.manifest["view_plan"]["hash"] or plan.num_views != store.num_views:
@@ -290,7 +291,10 @@ def verify(store: Store, teacher=None, render=None, samples: int = 8, seed: int 
     if incomplete:
         problems.append(f"{len(incomplete)} shards incomplete (first: {incomplete[:5]})")
     for shard in sorted(store.completed_shards()):
-        problems += [f"shard {shard}: {p}" for p in store.shard_index_problems(shard)]
+        index_problems = store.shard_index_problems(shard)
+        problems += [f"shard {shard}: {p}" for p in index_problems]
+        if not index_problems:
+            problems += [f"shard {shard}: {p}" for p in _damaged_views(store, shard)]
     result = {"images": store.num_images, "views_per_image": store.num_views,
               "complete_shards": len(store.completed_shards()), "shards": store.num_shards,
               "problems": problems}
@@ -304,7 +308,23 @@ def verify(store: Store, teacher=None, render=None, samples: int = 8, seed: int 
             cos.append(F.cosine_similarity(store.read(i, v), online, dim=0).mean().item())
         result["online_cosine_mean"] = float(np.mean(cos))
         result["online_cosine_min"] = float(np.min(cos))
+        if result["online_cosine_min"] < 0.99:
+            problems.append(f"a re-computed view has mean cosine {result['online_cosine_min']:.4f} < 0.99 to "
+                            "its stored grid (another teacher, or a render that differs from the store's)")
     return result
+
+
+def _damaged_views(store: Store, shard: int, limit: int = 3) -> list[str]:
+    """Read every view of a completed shard back; report (up to ``limit``) views failing their CRC."""
+    start, stop = store.shard_range(shard)
+    bad = []
+    for i in range(start, stop):
+        for v in range(store.num_views):
+            try:
+                store.read(i, v)
+            except ViewError as e:
+                bad.append(str(e))
+    return bad[:limit] + ([f"... {len(bad) - limit} more damaged views"] if len(bad) > limit else [])
 
 
 # --- exact mode: every step of a training plan --------------------------------------------------

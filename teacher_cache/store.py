@@ -22,6 +22,7 @@ import os
 import time
 
 import fsspec
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -34,13 +35,21 @@ from .views import ViewPlan
 
 BUDGET_DTYPES = ("int8", "float16")  # the budget (K-views) store; int4 is exact-store only
 FORMAT = "rtdetrv4-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # v2: a CRC-32C per view (inner chunk)
 OUR_ENTRIES = {"manifest.json", "keys.json", "zarr.json", "tokens", "scale", "done"}
 _MISSING = np.uint64(2**64 - 1)
 
 
 class StoreError(ValueError):
     """The location is not a usable store (missing, foreign content, damaged)."""
+
+
+class ViewError(StoreError):
+    """One view cannot be served: ``kind`` is "missing" (not written yet) or "damaged"."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 class StoreMismatch(StoreError):
@@ -147,7 +156,8 @@ class Store:
 
         def array(name, shape, np_dtype):
             inner = (1, 1, *shape[2:])
-            codec = ShardingCodec(chunk_shape=inner, codecs=[BytesCodec()],
+            # a CRC-32C per view, checked by every read: damaged bytes never reach the loss silently
+            codec = ShardingCodec(chunk_shape=inner, codecs=[BytesCodec(), Crc32cCodec()],
                                   index_codecs=[BytesCodec(), Crc32cCodec()], index_location="start")
             group.create_array(name, shape=shape, dtype=np_dtype, chunks=(shard_size, *shape[1:]),
                                serializer=codec, compressors=None, fill_value=0,
@@ -345,16 +355,28 @@ class Store:
         return torch.from_numpy(np.ascontiguousarray(x.T).reshape(self.dim, *self.grid))
 
     def _chunk(self, array: int, i: int, view: int, dtype) -> np.ndarray:
-        """One inner chunk by a single ranged read, the shard's index cached; valid
-        because our arrays use the raw little-endian bytes codec only."""
+        """One inner chunk by a single ranged read, the shard's index cached; valid because our
+        arrays use the raw little-endian bytes codec followed by a trailing CRC-32C, checked here
+        (a :class:`ViewError` "damaged" names the shard object and view)."""
         shard = i // self.shard_size
         obj = self._shard_objects(shard)[array]
+        where = f"view {view} of sample {i} in {obj}"
         index = self._indexes.get((array, shard))
         if index is None:
-            index = self._indexes[(array, shard)] = self._read_index(obj)
+            try:
+                index = self._indexes[(array, shard)] = self._read_index(obj)
+            except (OSError, ValueError) as e:
+                raise ViewError("damaged", f"{where}: shard object unreadable ({type(e).__name__})") from None
         offset, nbytes = (int(x) for x in index[i - shard * self.shard_size, view])
-        raw = self.fs.cat_file(obj, start=offset, end=offset + nbytes)
-        return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+        if offset == _MISSING:
+            raise ViewError("damaged", f"{where}: chunk missing from a completed shard")
+        try:
+            raw = self.fs.cat_file(obj, start=offset, end=offset + nbytes)
+        except (OSError, ValueError) as e:
+            raise ViewError("damaged", f"{where}: unreadable ({e})") from None
+        if len(raw) != nbytes or nbytes < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise ViewError("damaged", f"{where}: fails its CRC-32C (damaged or truncated bytes)")
+        return np.frombuffer(raw[:-4], dtype=np.dtype(dtype).newbyteorder("<"))
 
     def _read_index(self, obj: str) -> np.ndarray:
         """The shard object's index (``index_location="start"``): (offset, nbytes) per inner chunk,

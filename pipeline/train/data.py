@@ -37,9 +37,9 @@ from pipeline.data.plan import PlanCollate, PlanDataset, PlanSampler, TrainPlan
 from pipeline.data.sampler import ResumableSampler
 from pipeline.data.shards import ShardIndex, ShardStream, is_shard_set
 from pipeline.data.views import PlannedViews
-from teacher_cache.exact import FORMAT as EXACT_FORMAT, ExactStore, ViewError
+from teacher_cache.exact import FORMAT as EXACT_FORMAT, ExactStore
 from teacher_cache.quantize import decode
-from teacher_cache.store import Store, StoreError, _read_json
+from teacher_cache.store import Store, StoreError, ViewError, _read_json
 from teacher_cache.teachers import Teacher, build_teacher, choose_precision
 
 log = logging.getLogger("rtdetrv4.train")
@@ -63,6 +63,22 @@ class ExactJoin:
         if scale is not None:
             out["teacher_scale"] = scale
         return out
+
+
+class BudgetJoin:
+    """Worker side of a budget (``--views K``) store: the planned view's grid, or why it is not
+    served (a view failing its CRC-32C is "damaged": recomputed online, or ``--strict-cache`` stops)."""
+
+    def __init__(self, views: PlannedViews, strict: bool):
+        self.views, self.strict = views, strict
+
+    def __call__(self, key: str, epoch: int, index: int) -> dict:
+        try:
+            return {"teacher": self.views.grid(key, epoch, index)}
+        except ViewError as e:
+            if self.strict:
+                raise StoreError(f"--strict-cache: {e}") from None
+            return {"teacher": None, "teacher_miss": e.kind, "teacher_error": str(e)}
 
 
 @dataclass
@@ -313,7 +329,8 @@ def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
             store = _open_store(cfg, recipe, policy, index.manifest["dataset_hash"])
             views = PlannedViews(store.plan, store, policy, size, len(index))
             record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])  # noqa: E731
-            join = lambda key, t: {"teacher": views.grid(key, t["record_epoch"], t["index"])}  # noqa: E731
+            budget = BudgetJoin(views, cfg.strict_cache)
+            join = lambda key, t: budget(key, t["record_epoch"], t["index"])  # noqa: E731
             stream = ShardStream(cfg.data, mode="train", rank=dist.rank, world_size=dist.world_size,
                                  seed=cfg.seed, policy=policy, record_fn=record_fn, join=join)
         else:
@@ -336,7 +353,8 @@ def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
             store = _open_store(cfg, recipe, policy, plan.dataset_hash)
             views = PlannedViews(store.plan, store, policy, size, len(dataset))
             record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])  # noqa: E731
-            join = lambda e, s, k, i: {"teacher": views.grid(dataset.key(i), e, i)}  # noqa: E731
+            budget = BudgetJoin(views, cfg.strict_cache)
+            join = lambda e, s, k, i: budget(dataset.key(i), e, i)  # noqa: E731
         train_items = PlanDataset(dataset, plan, join=join, record_fn=record_fn)
         batches = sampler.batches_per_epoch()
     teacher = unavailable = None

@@ -157,13 +157,18 @@ def test_bad_input_gives_clear_errors_and_no_corrupt_store(taco6, tmp_path, caps
     assert Store.open(str(tmp_path / "full")).completed_shards() == set()
 
 
-def test_unreadable_image_fails_its_shard_only(taco6, tmp_path, capsys):
+def test_unreadable_image_fails_at_start_or_only_its_shard_with_skip(taco6, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(taco6, data)
     images = sorted((data / "images" / "train").glob("*.jpg"))
     images[4].write_bytes(images[4].read_bytes()[: images[4].stat().st_size // 2])  # truncated JPEG
     out = tmp_path / "store"
-    assert main([*TINY, "--data", str(data), "--out", str(out), "--shard-size", "2", "--no-ray"]) == 1
+    with pytest.raises(SystemExit) as e:  # default --on-error raise: every image is decoded before any work
+        main([*TINY, "--data", str(data), "--out", str(out), "--shard-size", "2", "--no-ray"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and images[4].name in err and "--on-error skip" in err and not out.exists()
+    assert main([*TINY, "--data", str(data), "--out", str(out), "--shard-size", "2", "--no-ray",
+                 "--on-error", "skip"]) == 1
     report = capsys.readouterr().out
     assert "1 failed" in report and "FAILED shard 2" in report and images[4].name in report
     store = Store.open(str(out))

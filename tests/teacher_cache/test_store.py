@@ -85,7 +85,7 @@ def test_bytes_per_view_for_the_official_grid(tmp_path):
                          dtype="int8", shard_size=2)
     tokens, scale = encode(torch.randn(4, 768, 20, 20), "int8")
     marker = store.write_shard(0, tokens.reshape(2, 2, 400, 768).numpy(), scale.reshape(2, 2, 400).numpy())
-    assert store.bytes_per_view() == 308_000
+    assert store.bytes_per_view() == 308_000   # payload; each view adds a 4-byte CRC-32C per array
     assert marker["bytes"] / 4 <= 310_000  # 0.31 MB per 20x20x768 view, index included
 
 
@@ -149,3 +149,31 @@ def test_fsspec_url_store():
     store.write_shard(0, tokens, scale)
     got = Store.open(url).read("img1", 2)
     assert F.cosine_similarity(got.flatten(1), grids[1, 2].flatten(1), dim=0).mean() > 0.999
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate", "delete"])
+def test_damaged_view_is_detected_on_read_and_by_verify(tmp_path, fault):
+    """Every view carries a CRC-32C: a flipped byte, a truncated shard object or a deleted one reads
+    as a damaged view (a ViewError naming the object and view), and verify() reports it."""
+    from teacher_cache.precompute import verify
+    from teacher_cache.store import ViewError
+    store = make(str(tmp_path / "s"))
+    for shard in range(store.num_shards):
+        _, tokens, scale = shard_data(store, shard)
+        store.write_shard(shard, tokens, scale)
+    assert verify(Store.open(str(tmp_path / "s")))["problems"] == []
+    obj = tmp_path / "s" / "tokens" / "c" / "1" / "0" / "0" / "0"
+    raw = bytearray(obj.read_bytes())
+    if fault == "flip":
+        raw[-10] ^= 0xFF                      # inside the last view's payload
+        obj.write_bytes(bytes(raw))
+    elif fault == "truncate":
+        obj.write_bytes(bytes(raw[:-40]))
+    else:
+        obj.unlink()
+    store = Store.open(str(tmp_path / "s"))
+    assert store.read(0, 0) is not None       # shard 0 is intact
+    with pytest.raises(ViewError, match="tokens"):
+        store.read(3, store.num_views - 1)    # the last chunk of shard 1's object
+    problems = verify(store)["problems"]
+    assert problems and all("shard 1" in p for p in problems), problems
