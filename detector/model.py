@@ -21,7 +21,8 @@ from .hybrid_encoder import HybridEncoder
 class RTDETRv4(nn.Module):
     """forward(images, targets=None): images float [B,3,H,W] in [0,1] (not mean/std normalised),
     H and W multiples of 32. Eval returns {"pred_logits", "pred_boxes"}; training returns the D-FINE
-    training dict plus "aifi_feature" [B, hidden, H/32, W/32]."""
+    training dict plus the stride-32 DSI taps: "aifi_feature" (F5) and "hybrid_feature" [B, hidden,
+    H/32, W/32], and "backbone_feature" (S5) [B, backbone_channels[-1], H/32, W/32]."""
 
     def __init__(self, cfg: DetectorConfig):
         super().__init__()
@@ -52,10 +53,11 @@ class RTDETRv4(nn.Module):
             if not (self.training and self._range_checked):   # training: the first batch only (a host sync)
                 self._range_checked = True
                 warn_on_range(images)
-        fused, f5 = self.encoder(self.backbone(images))
+        feats = self.backbone(images)
+        fused, f5 = self.encoder(feats)
         out = self.decoder(fused, targets)
-        if self.training:
-            out["aifi_feature"] = f5
+        if self.training:   # the DSI taps of the paper's ablation (F5 is the released one)
+            out.update(aifi_feature=f5, hybrid_feature=fused[-1], backbone_feature=feats[-1])
         return out
 
     def deploy(self) -> "RTDETRv4":

@@ -54,6 +54,11 @@ class RTDETRv2Student(nn.Module):
         return self.model.model.decoder
 
     @property
+    def denoising_class_embed(self) -> nn.Module:
+        """transformers keeps it on the model, not the decoder (ours: ``decoder.denoising_class_embed``)."""
+        return self.model.model.denoising_class_embed
+
+    @property
     def feature_channels(self) -> tuple[int, ...]:
         return (self.model.config.encoder_hidden_dim,) * len(self.model.config.encoder_in_channels)
 

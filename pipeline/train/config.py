@@ -93,6 +93,12 @@ class TrainConfig:
     gam_rule: str = _f("released", "GAM update: released (the official odds-ratio step) or paper (Eq. 11: "
                        "lambda * (rho +- delta) / share, toward the far band edge)", choices=["released", "paper"])
     distill_weight: float | None = _f(None, "initial (or static) DSI weight lambda (default: the size's)")
+    dsi_tap: str = _f("aifi", "DSI ablation: the student map aligned with the teacher (aifi: F5, as released; "
+                      "hybrid: the stride-32 CCFF output; backbone: S5)", choices=["aifi", "hybrid", "backbone"])
+    dsi_projector: str = _f("linear", "DSI ablation: the projector (linear, as released; mlp; conv1x1)",
+                            choices=["linear", "mlp", "conv1x1"])
+    dsi_loss: str = _f("cosine", "DSI ablation: the alignment loss (cosine, as released; mse)",
+                       choices=["cosine", "mse"])
     # resume / init
     resume: str | None = _f(None, "run directory (its last.pth) or training checkpoint to continue exactly; the run "
                                   "continues in that directory", group="init")

@@ -123,7 +123,9 @@ class Trainer:
         if cfg.distill == "dsi":
             if cfg.student != "rtdetrv4":
                 raise ValueError("--distill dsi (DSI + GAM) is for the RT-DETRv4 student; use codetr, feat or none")
-            dsi = DSI(DSIConfig(student_dim=detector.cfg.hidden_dim, teacher_dim=self.data.teacher_dim))
+            width = detector.cfg.backbone_channels[-1] if cfg.dsi_tap == "backbone" else detector.cfg.hidden_dim
+            dsi = DSI(DSIConfig(student_dim=width, teacher_dim=self.data.teacher_dim, projector=cfg.dsi_projector,
+                                loss=cfg.dsi_loss, tap=cfg.dsi_tap))
         elif cfg.distill == "codetr":
             self.detector_teacher, codetr = build_codetr(cfg, detector, self.data.class_names, dev)
         elif cfg.distill == "feat":
@@ -135,7 +137,8 @@ class Trainer:
         if cfg.finetune and cfg.student != "rtdetrv4":
             raise ValueError("--finetune loads RT-DETRv4 weights; start rtdetrv2_r50 from --student-weights DIR")
         if cfg.finetune:   # an official projector (hidden -> 768, ViT-B) is reused when the teacher is as wide
-            fits = dsi is not None and self.data.teacher_dim == 768 and dsi.cfg.projector == "linear"
+            fits = (dsi is not None and self.data.teacher_dim == 768 and dsi.cfg.projector == "linear"
+                    and dsi.cfg.tap == "aifi")
             report = load_checkpoint(detector, cfg.finetune, dsi=dsi if fits else None)
             log.info("finetune from %s: %s", cfg.finetune, report)
         student = Student(detector, dsi, codetr).to(dev)
@@ -217,7 +220,8 @@ class Trainer:
             outputs = self.model(images, targets if self.cfg.det_loss else None)
             projected = None
             if self.student.dsi is not None and teacher_map is not None:
-                projected = self.student.dsi.project(outputs["aifi_feature"])
+                tap = self.student.dsi.cfg.tap
+                projected = self.student.dsi.project(self.student.dsi.student_map(outputs, outputs[f"{tap}_feature"]))
         outputs = _to_float(outputs)
         losses = self.criterion(outputs, targets) if self.cfg.det_loss else {}
         if self.student.codetr is not None:
@@ -251,7 +255,10 @@ class Trainer:
                 teacher_map = self.data.teacher_targets(images, targets, batch_info)
         losses, outputs = self._losses(images, targets, teacher_map)
         loss = sum(losses.values())
-        embed = getattr(self.student.detector.decoder, "denoising_class_embed", None)
+        detector = self.student.detector
+        embed = getattr(detector, "denoising_class_embed", None)   # the transformers student keeps it here
+        if embed is None:
+            embed = getattr(detector.decoder, "denoising_class_embed", None)
         if "dn_meta" not in outputs and embed is not None and self.dist.enabled:
             # no boxes on this rank, so no denoising queries: keep the embedding in the graph with a
             # zero gradient, or DDP (find_unused_parameters=False, as official) waits for it forever

@@ -73,3 +73,15 @@ def test_local_weights_round_trip(tmp_path):
     again = build_rtdetrv2_student(5, weights=tmp_path)
     for (k, a), b in zip(student.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_denoising_embedding_is_found_for_the_ddp_zero_gradient_guard():
+    """The trainer keeps the denoising embedding in the graph on a rank without boxes (DDP would wait
+    for its gradient forever); transformers keeps it on the model, not on the decoder."""
+    student = tiny_student().train()
+    assert student.denoising_class_embed is student.model.model.denoising_class_embed
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    out = student(torch.rand(2, 3, 64, 64), empty)
+    loss = sum(RTDETRv2Criterion(5)(out, empty).values()) + 0.0 * student.denoising_class_embed.weight.sum()
+    loss.backward()
+    assert student.denoising_class_embed.weight.grad is not None

@@ -24,3 +24,18 @@ def test_benchmark_flag_selects_the_student():
     from jobs.benchmark_t4 import parse_args
     args = parse_args(["--student", "rtdetrv2_r50", "--backend", "onnxruntime"])
     assert args.sizes == ["rtdetrv2_r50"]
+
+
+def test_onnx_export_matches_torch_once_batchnorm_is_calibrated(tmp_path):
+    """Uncalibrated random BN statistics saturate the encoder scores (tied top-k: 500+ px apart between
+    onnxruntime and torch); with calibrated statistics the same export agrees to 1e-3 px."""
+    from detector.deploy import DeployModel
+    from detector.postprocessor import PostProcessor
+    from pipeline.deploy.graph import Built, calibrate_batchnorm, export_onnx_checked
+    student = tiny_student(num_classes=7)
+    calibrate_batchnorm(student.model)
+    graph = DeployModel(student.deploy(), PostProcessor(num_classes=7, num_top_queries=140)).eval()
+    info = export_onnx_checked(Built(graph, "rtdetrv2_r50", 7, "random weights"), tmp_path / "v2.onnx",
+                               image_size=128, threads=1)
+    assert info["parity_ok"], info["parity"]
+    assert info["parity"]["n_compared"] > 100 and info["training_only_parts"] == []

@@ -172,3 +172,24 @@ def test_finetune_from_an_80_class_checkpoint_with_its_projector(tmp_path):
     assert trainer.data.num_classes == 6 and trainer.student.dsi.cfg.teacher_dim == 384   # projector dropped
     images, targets, batch = next(iter(trainer.data.train_loader(0)))
     assert trainer.train_step(images, targets, batch) is not None
+
+
+@pytest.mark.parametrize("tap,projector,loss", [("hybrid", "mlp", "mse"), ("backbone", "conv1x1", "cosine")])
+def test_dsi_ablation_flags_train_the_chosen_tap(tmp_path, tap, projector, loss):
+    """--dsi-tap/--dsi-projector/--dsi-loss (the paper's DSI ablations) reach the step: the projector
+    has the tapped map's width, the distillation loss is finite, and its gradient reaches the tap."""
+    from jobs.train import parse_args
+    cfg = parse_args(["--dsi-tap", tap, "--dsi-projector", projector, "--dsi-loss", loss])
+    assert (cfg.dsi_tap, cfg.dsi_projector, cfg.dsi_loss) == (tap, projector, loss)
+    trainer = _trainer(tmp_path, distill="dsi", vfm="dinov3_vits", dsi_tap=tap, dsi_projector=projector,
+                       dsi_loss=loss)
+    dsi = trainer.student.dsi
+    width = trainer.student.detector.cfg.backbone_channels[-1] if tap == "backbone" else 256
+    assert (dsi.cfg.tap, dsi.cfg.projector, dsi.cfg.loss, dsi.cfg.student_dim) == (tap, projector, loss, width)
+    images, targets, batch = next(iter(trainer.data.train_loader(0)))
+    teacher = trainer.data.teacher_targets(images, targets, batch)
+    losses, _ = trainer._losses(images, targets, teacher)
+    assert math.isfinite(float(losses["loss_distill"])) and float(losses["loss_distill"]) > 0
+    losses["loss_distill"].backward()
+    last_stage = list(trainer.student.detector.backbone.stages)[-1]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in last_stage.parameters())
