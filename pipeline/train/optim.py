@@ -70,7 +70,29 @@ def flat_cosine_lr(it: int, base: float, *, total_iter: int, warmup_iter: int, f
     return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-class FlatCosineSchedule:
+class _Schedule:
+    """What every schedule shares: the optimizer's current lrs and a resumable state (``step(it)``
+    re-applies the lr of the last iteration after a restore)."""
+
+    optimizer: torch.optim.Optimizer
+    last_iter: int
+
+    def step(self, it: int) -> None:
+        raise NotImplementedError
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.last_iter >= 0:
+            self.step(self.last_iter)
+
+
+class FlatCosineSchedule(_Schedule):
     """Per-iteration schedule for every param group from its ``initial_lr``. The official trainer
     calls ``step(global_iter)`` right AFTER the optimizer step of ``global_iter`` (so iteration i
     trains with lr(i-1)); the Trainer does the same. Construction sets lr(0) = 0 for iteration 0
@@ -103,19 +125,8 @@ class FlatCosineSchedule:
             g["lr"] = self.lr_at(it, base)
         self.last_iter = it
 
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
 
-    def state_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.last_iter >= 0:
-            self.step(self.last_iter)
-
-
-class _EpochSchedule:
+class _EpochSchedule(_Schedule):
     """Base of the per-epoch schedules: a linear warm-up over ``warmup_iter`` iterations, then
     ``base * scale`` where ``scale`` changes only at epoch ends."""
 
@@ -135,16 +146,6 @@ class _EpochSchedule:
             g["lr"] = base * self._factor(it)
         self.last_iter = it
 
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.last_iter >= 0:
-            self.step(self.last_iter)
 
 
 class MultiStepSchedule(_EpochSchedule):

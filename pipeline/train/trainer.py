@@ -184,9 +184,8 @@ class Trainer:
         if self.dist.is_main:
             atomic_save({**self._state(), "rng": rngs[0], "rng_per_rank": rngs}, self.out / name)
 
-    def _resume(self, path: str) -> None:
-        state = load_train_state(path, self.cfg.size)
-        check_resume_layout(path, state, self.dist.world_size, self.batch_size)
+    def _load_weights_and_optimizer(self, state: dict) -> None:
+        """Model, DSI projector / RT-CO-DETR projections, EMA, optimizer and AMP scaler from a training state."""
         self.student.detector.load_state_dict(state["model"])
         if self.student.dsi is not None and state.get("dsi"):
             self.student.dsi.load_state_dict(state["dsi"])
@@ -195,6 +194,11 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+
+    def _resume(self, path: str) -> None:
+        state = load_train_state(path, self.cfg.size)
+        check_resume_layout(path, state, self.dist.world_size, self.batch_size)
+        self._load_weights_and_optimizer(state)
         if self.gam is not None and state.get("gam"):
             self.gam.load_state_dict(state["gam"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
@@ -436,14 +440,7 @@ class Trainer:
         if not best.is_file():
             return False
         state = read_checkpoint(best, "stage-2 restart from")
-        self.student.detector.load_state_dict(state["model"])
-        if self.student.dsi is not None and state.get("dsi"):
-            self.student.dsi.load_state_dict(state["dsi"])
-        if self.student.codetr is not None and state.get("codetr"):
-            self.student.codetr.load_state_dict(state["codetr"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_weights_and_optimizer(state)
         log.info("restored model, DSI, EMA, optimizer and scaler from %s (AP %.4f)", best,
                  state.get("best_ap", float("nan")))
         return True
