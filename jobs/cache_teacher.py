@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     from pipeline.train.recipe import resolve_recipe
     from teacher_cache.precompute import TeacherSpec, pending_shards, precompute, verify
     from teacher_cache.store import Store, StoreError
-    from teacher_cache.teachers import WeightsError, build_teacher, choose_precision, resolve_arch
+    from teacher_cache.teachers import resolve_arch
     from teacher_cache.views import ViewPlan
 
     try:
@@ -153,18 +153,9 @@ def main(argv=None) -> int:
     plan = ViewPlan(seed=args.seed, k=args.views, epochs=epochs, input_size=(args.input_size,) * 2)
     policy = replace(AugPolicy.from_recipe(recipe, output_size=args.input_size), epochs=epochs)
     renderer = Renderer(args.data, args.split, plan, policy)
-    try:
-        teacher = build_teacher(args.vfm, args.weights, **args.model_kwargs)
-    except (WeightsError, ValueError) as e:
-        fail(str(e))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher.to(device)
-    fidelity = None
-    if args.precision != "fp32":  # measured on real (rendered) views of this dataset
-        probe = torch.stack([torch.from_numpy(renderer(i, 0)) for i in range(min(4, len(dataset)))])
-        teacher.precision, fidelity = choose_precision(teacher, probe.to(device).float() / 255, args.precision)
-    fingerprint = teacher.fingerprint()
-    fingerprint["protocol"]["bf16_fidelity"] = fidelity
+    # the precision is measured on real (rendered) views of this dataset
+    teacher, fingerprint, device = build_measured_teacher(args, lambda: torch.stack(
+        [torch.from_numpy(renderer(i, 0)) for i in range(min(4, len(dataset)))]).float() / 255)
     out = args.out or f"cache/{args.vfm}_k{args.views}_{args.input_size}"
     grid = (args.input_size // 32, args.input_size // 32)
     keys = [dataset.key(i) for i in range(len(dataset))]
@@ -208,6 +199,27 @@ def main(argv=None) -> int:
     return 1 if report.shards_failed else 0
 
 
+def build_measured_teacher(args, probe_images):
+    """(teacher on the device, its fingerprint, device); with ``--precision bf16|auto`` the precision
+    is chosen from its measured fidelity on ``probe_images()`` (float [B,3,H,W] in [0,1])."""
+    import torch
+
+    from teacher_cache.teachers import WeightsError, build_teacher, choose_precision
+
+    try:
+        teacher = build_teacher(args.vfm, args.weights, **args.model_kwargs)
+    except (WeightsError, ValueError) as e:
+        fail(str(e))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.to(device)
+    fidelity = None
+    if args.precision != "fp32":
+        teacher.precision, fidelity = choose_precision(teacher, probe_images().to(device), args.precision)
+    fingerprint = teacher.fingerprint()
+    fingerprint["protocol"]["bf16_fidelity"] = fidelity
+    return teacher, fingerprint, device
+
+
 def exact_main(args, dataset, recipe) -> int:
     """Exact mode: every (epoch, step, slot) of the plan, written in plan order."""
     import numpy as np
@@ -217,7 +229,6 @@ def exact_main(args, dataset, recipe) -> int:
     from teacher_cache.exact import ExactStore
     from teacher_cache.precompute import TeacherSpec, pending_units, precompute_exact, verify_exact
     from teacher_cache.store import StoreError
-    from teacher_cache.teachers import WeightsError, build_teacher, choose_precision
 
     if args.policy_epochs:
         fail("--policy-epochs is budget mode only: exact mode follows the recipe of --size/--epochs, as jobs.train")
@@ -231,18 +242,8 @@ def exact_main(args, dataset, recipe) -> int:
     if bad:
         fail(f"--only-epochs {bad} outside the plan's epochs 0..{plan.epochs - 1}")
     renderer = PlanRenderer(args.data, args.split, plan)
-    try:
-        teacher = build_teacher(args.vfm, args.weights, **args.model_kwargs)
-    except (WeightsError, ValueError) as e:
-        fail(str(e))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher.to(device)
-    fidelity = None
-    if args.precision != "fp32":  # measured on the plan's first step
-        probe = torch.from_numpy(renderer(0, 0)[0][:4]).to(device)
-        teacher.precision, fidelity = choose_precision(teacher, probe, args.precision)
-    fingerprint = teacher.fingerprint()
-    fingerprint["protocol"]["bf16_fidelity"] = fidelity
+    teacher, fingerprint, device = build_measured_teacher(   # precision measured on the plan's first step
+        args, lambda: torch.from_numpy(renderer(0, 0)[0][:4]))
     out = args.out or f"cache/{args.vfm}_{args.size}_{args.input_size}_{plan.hash()}"
     try:
         if args.verify is not None:  # never creates anything
