@@ -75,6 +75,19 @@ def denoising_indices(dn_meta: dict, targets: list[dict[str, Tensor]]) -> Indice
     return indices
 
 
+def indices_to_device(groups: list[Indices], device: torch.device) -> list[Indices]:
+    """Host (query, target) index pairs of many layers to ``device`` in one copy, pinned and
+    non-blocking on CUDA: a blocking copy per tensor is a host sync each (two per layer and image)."""
+    flat = [t for group in groups for pair in group for t in pair]
+    if not flat or all(t.device == device for t in flat):
+        return groups
+    host = torch.cat([t.reshape(-1).to(torch.int64) for t in flat])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    moved = iter(host.to(device, non_blocking=True).split([t.numel() for t in flat]))
+    return [[(next(moved), next(moved)) for _ in group] for group in groups]
+
+
 def _batch_idx(indices: Indices) -> tuple[Tensor, Tensor]:
     batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
     return batch, torch.cat([src for src, _ in indices])
@@ -198,7 +211,7 @@ class Criterion(nn.Module):
             return None
         weight = out["teacher_logits"].detach().sigmoid().max(dim=-1)[0]
         matched = torch.zeros_like(weight, dtype=torch.bool)
-        matched[idx] = True
+        matched[idx] = torch.ones_like(idx[0], dtype=torch.bool)   # a Python True is a host copy on CUDA
         weight[idx] = iou.to(weight.dtype)
         weight = weight.repeat_interleave(4, dim=-1).reshape(-1)
         matched = matched.repeat_interleave(4, dim=-1).reshape(-1)
@@ -236,18 +249,18 @@ class Criterion(nn.Module):
         if enc and outputs.get("enc_meta", {}).get("class_agnostic", False):
             enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
 
-        to_dev = lambda ind: [(s.to(device), t.to(device)) for s, t in ind]  # noqa: E731
         # every layer's matching in one batch: one device-to-host copy of the costs per step
         layers = [outputs, *aux, *([pre] if pre is not None else []), *enc]
         matches = self.matcher.match_many(layers, [targets] * (len(layers) - len(enc)) + [enc_targets] * len(enc))
+        go = union_indices(matches)
+        num_boxes, num_go = _average_over_world([sum(len(t["labels"]) for t in targets),
+                                                 sum(len(src) for src, _ in go)], device)
+        # ... and one host-to-device copy of all the resulting indices
+        go, *matches = indices_to_device([go, *matches], device)
         match_main, match_aux = matches[0], matches[1:1 + len(aux)]
         match_pre = matches[1 + len(aux)] if pre is not None else None
         match_enc = matches[len(layers) - len(enc):]
-        go = union_indices([match_main, *match_aux, *([match_pre] if pre is not None else []), *match_enc])
-
-        num_boxes, num_go = _average_over_world([sum(len(t["labels"]) for t in targets),
-                                                 sum(len(src) for src, _ in go)], device)
-        box_idx, num_box = (to_dev(go), num_go) if self.use_uni_set else (None, num_boxes)
+        box_idx, num_box = (go, num_go) if self.use_uni_set else (None, num_boxes)
 
         cache = _StepCache()
         local = {"up": outputs.get("up"), "reg_scale": outputs.get("reg_scale"), "cache": cache, "is_dn": False}
@@ -256,14 +269,13 @@ class Criterion(nn.Module):
         decoder += [(pre, match_pre, "_pre", local)] if pre is not None else []
         encoder = [(e, m, f"_enc_{i}", None) for i, (e, m) in enumerate(zip(enc, match_enc))]
         losses = {}
-        for out, match, suffix, local_args in decoder + encoder:
-            m = to_dev(match)
+        for out, m, suffix, local_args in decoder + encoder:
             tgts = targets if local_args is not None else enc_targets
             losses.update(self._layer(out, tgts, m, m if box_idx is None else box_idx, num_boxes, num_box,
                                       suffix, local_args))
 
         if "dn_outputs" in outputs:
-            dn_idx = to_dev(denoising_indices(outputs["dn_meta"], targets))
+            dn_idx = denoising_indices(outputs["dn_meta"], targets)   # built on the device
             dn_num = num_boxes * outputs["dn_meta"]["dn_num_group"]
             dn_local = {**local, "is_dn": True}
             for i, out in enumerate(outputs["dn_outputs"]):

@@ -48,9 +48,11 @@ class RTDETRv4(nn.Module):
         return self.cfg.num_classes
 
     def forward(self, images: torch.Tensor, targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict:
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
             check_images(images)
-            if not (self.training and self._range_checked):   # training: the first batch only (a host sync)
+            # the first batch only, train or eval: reading the range is a host sync, which would break
+            # CUDA-graph capture and torch.compile and stall every inference on a GPU
+            if not self._range_checked and not _capturing(images):
                 self._range_checked = True
                 warn_on_range(images)
         feats = self.backbone(images)
@@ -84,6 +86,10 @@ def check_images(images) -> None:
     if h % 32 or w % 32:
         raise ValueError(f"image height and width must be multiples of 32 (the stride-32 level), got {h}x{w}; "
                          "resize or pad, e.g. to 640x640")
+
+
+def _capturing(images: torch.Tensor) -> bool:
+    return images.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 _warned_range = False

@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=256, help="images per shard")
     p.add_argument("--batch-size", type=int, help="views per teacher batch (None: 64 GPU, 8 CPU)")
     p.add_argument("--workers", type=int, help="teacher actors (None: one per GPU, else 1)")
-    p.add_argument("--render-workers", type=int, default=1, help="CPU actors decoding + augmenting")
+    p.add_argument("--render-workers", type=int, default=1, help="CPU actors decoding + augmenting (with --no-ray in exact mode: worker processes rendering ahead)")
     p.add_argument("--address", help="Ray cluster address (None: start a local cluster)")
     p.add_argument("--no-ray", action="store_true", help="run in-process without Ray")
     p.add_argument("--max-shards", type=int, help="stop after this many shards (resume later); exact mode "

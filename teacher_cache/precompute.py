@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .quantize import encode
@@ -394,11 +395,11 @@ def precompute_exact(store, spec: TeacherSpec, render_step, *, epochs=None, exec
     report.shards_skipped = report.shards_total - len(everything)
     steps = [(e, st) for e, s in units for st in store.shard_steps(s)]
     bar = tqdm(total=len(steps) * store.global_batch, unit="view", desc="teacher cache (exact)", disable=not progress)
-    t0 = time.perf_counter()
     left = {u: len(store.shard_steps(u[1])) for u in units}
     views: dict[tuple[int, int], list] = {u: [] for u in units}
     gen = (_ray_steps if executor == "ray" else _local_steps)(store, spec, render_step, steps, batch_size,
                                                               num_workers, render_workers)
+    t0 = time.perf_counter()
     for out in gen:
         for r in range(len(out["step"])):
             e, st = int(out["epoch"][r]), int(out["step"][r])
@@ -425,10 +426,25 @@ def precompute_exact(store, spec: TeacherSpec, render_step, *, epochs=None, exec
 
 
 def _local_steps(store, spec, render_step, steps, batch_size, num_workers, render_workers):
-    render = RenderSteps(render_step)
+    """In-process: the teacher here; with ``render_workers > 1`` the steps are rendered ahead, in
+    order, by that many DataLoader worker processes, so decoding overlaps the teacher (on a GPU
+    machine one process rendering is the bottleneck: measured in docs/gpu.md)."""
+    render = _RenderOne(RenderSteps(render_step))
     teacher = TeacherSteps(spec, store.dtype, store.manifest["teacher"]["weights_sha256"], batch_size)
-    for e, st in steps:
-        yield teacher(render({"epoch": [e], "step": [st]}))
+    rendered = (map(render, steps) if render_workers <= 1 else
+                DataLoader(steps, batch_size=None, collate_fn=render, num_workers=render_workers, prefetch_factor=4))
+    return (teacher(batch) for batch in rendered)   # the teacher is built now, before the clock starts
+
+
+class _RenderOne:
+    """(epoch, step) -> RenderSteps' batch of that one step (a picklable DataLoader collate_fn)."""
+
+    def __init__(self, render: RenderSteps):
+        self.render = render
+
+    def __call__(self, epoch_step) -> dict:
+        epoch, step = epoch_step
+        return self.render({"epoch": [epoch], "step": [step]})
 
 
 def _ray_steps(store, spec, render_step, steps, batch_size, num_workers, render_workers):

@@ -7,7 +7,8 @@ dispatch mode follows which tensors descend from the "device" side (the model's 
 buffers, the step's images and targets) and counts the ops whose result the host has to wait for
 (``_local_scalar_dense`` = item/bool/float/tolist of one element, ``nonzero``, boolean-mask
 indexing, ``masked_select``, ``unique``, ``repeat_interleave`` by a tensor, ``equal``), plus the
-Python-level transfers ``.cpu()`` / ``.numpy()`` / ``.tolist()`` of such tensors. Host-side
+Python-level transfers ``.cpu()`` / ``.numpy()`` / ``.tolist()`` of such tensors and the blocking
+``.to(device)`` of host tensors (a copy from pageable memory, which CUDA's mode reports too). Host-side
 bookkeeping on tensors built from numpy (the Hungarian indices) is not a sync and is not counted.
 """
 from __future__ import annotations
@@ -123,14 +124,35 @@ def count_host_syncs(*seeds):
             return out
         return method
 
+    original_to = torch.Tensor.to
+
+    def to(self, *a, **k):
+        out = original_to(self, *a, **k)
+        if not mode.tainted(self) and _names_device(a, k):
+            if not k.get("non_blocking", False):   # a blocking host-to-device copy (pageable memory)
+                count.add("to")
+            if out is self:   # .to(device) of a CPU tensor in a CPU run: the GPU run's copy is device-side
+                with _disable_current_modes():
+                    out = self.view_as(self)
+            mode.mark(out)
+        return out
+
     for name in _TRANSFERS:
         setattr(torch.Tensor, name, patched(name))
+    torch.Tensor.to = to
     try:
         with mode:
             yield count
     finally:
         for name, fn in originals.items():
             setattr(torch.Tensor, name, fn)
+        torch.Tensor.to = original_to
+
+
+def _names_device(args, kwargs) -> bool:
+    """Whether a ``Tensor.to`` call places its result on a device (not a dtype-only cast)."""
+    first = args[0] if args else None
+    return "device" in kwargs or isinstance(first, (torch.device, str, torch.Tensor))
 
 
 @contextmanager

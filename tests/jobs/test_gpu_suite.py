@@ -39,6 +39,7 @@ def test_dry_run_writes_a_report_of_every_section(tmp_path):
     assert all(s["status"] == "ok" for s in saved["sections"].values()), saved["sections"]
     assert by_name["jobs.train S off"]["status"] == "ok" and by_name["jobs.train S off + exact cache"]["status"] == "ok"
     assert by_name["jobs.train S off + exact cache"]["cache_hit_rate"] == 1.0
+    assert by_name["cache_teacher vs forward-only"]["loop_views_per_s"] > 0
     assert {"train S none", "train S online fp32", "train S online bf16", "train S cache"} <= set(by_name)
     assert by_name["train S cache"]["cache_hit_rate"] == 1.0
     assert by_name["cache_teacher vs forward-only"]["ratio"] > 0

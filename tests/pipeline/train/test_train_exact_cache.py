@@ -186,3 +186,14 @@ def test_one_and_two_gloo_ranks_see_the_same_samples(data, tmp_path):
         assert a[:2] == r0[:2] == r1[:2] and a[3:5] == r0[3:5] == r1[3:5]   # same step, size, MixUp
         assert a[2] == r0[2] + r1[2]                                         # the same samples, in order
         assert a[5] == pytest.approx(r0[5] + r1[5], rel=1e-12)               # the same images
+
+
+def test_render_workers_store_the_same_bytes(store, data, tmp_path):
+    """--no-ray --render-workers 2 renders the steps ahead in worker processes: same views, same files."""
+    out = tmp_path / "workers"
+    assert _cache(data, out, "--render-workers", "2") == 0
+    files = sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert files and files == sorted(p.relative_to(out) for p in out.rglob("*")
+                                     if p.is_file() and p.name != "manifest.json")
+    for f in files:
+        assert (store / f).read_bytes() == (out / f).read_bytes(), f
