@@ -87,7 +87,9 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         teacher = args.teacher or str(write_random_conditional_detr(tmp / "teacher"))
         data = train_yaml(args.data, tmp)
-        base = dict(student=args.student, recipe="rt-co-detr", data=data, img_size=args.img_size,
+        # no --recipe: both modes are one run of the same student (the rt-co-detr recipe would split codetr
+        # into its two stages); the optimizer settings do not change the time of a step
+        base = dict(student=args.student, data=data, img_size=args.img_size,
                     batch_size=args.batch_size, workers=0, epochs=1, max_steps_per_epoch=args.steps)
         trainers = {"none": Trainer(TrainConfig(distill="none", out=str(tmp / "none"), **base)),
                     "codetr": Trainer(TrainConfig(distill="codetr", teacher_checkpoint=teacher, class_map="slice",

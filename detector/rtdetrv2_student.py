@@ -46,6 +46,12 @@ class RTDETRv2Student(nn.Module):
         return self.model.config.num_labels
 
     @property
+    def class_names(self) -> list[str]:
+        """Its classes in logit order (``id2label``): the data's, or a COCO snapshot's own 80."""
+        config = self.model.config
+        return [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+
+    @property
     def encoder(self) -> nn.Module:
         return self.model.model.encoder
 
@@ -109,14 +115,21 @@ def rtdetrv2_config(num_classes: int = 80, class_names=None, **overrides):
                           label2id={n: i for i, n in enumerate(names)}, **overrides)
 
 
-def build_rtdetrv2_student(num_classes: int = 80, weights: str | Path | None = None, class_names=None,
+def build_rtdetrv2_student(num_classes: int | None = 80, weights: str | Path | None = None, class_names=None,
                            **overrides) -> RTDETRv2Student:
     """RT-DETRv2-R50vd: random init (seeded by the caller), or local ``weights`` (a transformers
     directory, e.g. a PekingU/rtdetr_v2_r50vd snapshot) whose class head is re-initialised when its
-    number of classes differs. Never reads the network."""
+    number of classes differs; ``num_classes=None`` keeps the label space of ``weights`` (the
+    RT-CO-DETR authors' label-free distillation stage trained the COCO head as it was). Never reads
+    the network."""
     from transformers import RTDetrV2ForObjectDetection
 
-    config = rtdetrv2_config(num_classes, class_names, **overrides)
+    if num_classes is None and weights is not None:
+        if not Path(weights, "config.json").is_file():
+            raise ValueError(f"--student-weights {weights}: expected a transformers directory with config.json")
+        log.info("RT-DETRv2 student from %s, with its own classes", weights)
+        return RTDETRv2Student(RTDetrV2ForObjectDetection.from_pretrained(weights, local_files_only=True, **overrides))
+    config = rtdetrv2_config(num_classes or 80, class_names, **overrides)
     if weights is None:
         warnings.warn("RT-DETRv2-R50vd student is RANDOMLY INITIALISED (no --student-weights): the paper starts "
                       "from COCO weights; expect far lower AP", stacklevel=2)

@@ -21,11 +21,16 @@ def parse_args(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)   # before importing torch: --help and flag errors answer at once
     from pipeline.train.distributed import cleanup
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.rt_co_detr import resolve_preset, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        result = Trainer(cfg).fit()
+    try:   # a flag combination the recipe refuses answers before any data or model is read
+        resolve_preset(cfg)
+    except ValueError as e:
+        print(f"jobs.train: error: {e}", file=sys.stderr)
+        return 2
+    try:   # one run, or the two stages of --recipe rt-co-detr
+        result = run_training(cfg)
     finally:
         cleanup()
     logging.getLogger("rtdetrv4.train").info("done: %s", result)

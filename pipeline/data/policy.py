@@ -8,7 +8,7 @@ Phases for ``epochs = [e0, e1, e2]`` (official ``Compose.stop_epoch_forward``):
 3. ``e1 <= epoch < e2``: PhotometricDistort, ZoomOut and IoUCrop, no Mosaic;
 4. ``epoch >= e2``: no policy op.
 
-Horizontal flip and the final resize are never switched off.
+Horizontal flip (``flip_p``, 0.5 officially) and the final resize are never switched off by the phases.
 """
 from __future__ import annotations
 
@@ -57,8 +57,10 @@ class AugPolicy:
 
     @classmethod
     def from_recipe(cls, recipe, output_size: int = 640) -> "AugPolicy":
-        """The policy of a :class:`pipeline.train.recipe.Recipe` (its ``policy_epochs`` and ``mosaic_prob``)."""
-        return cls(epochs=tuple(recipe.policy_epochs), mosaic_prob=recipe.mosaic_prob, output_size=output_size)
+        """The policy of a :class:`pipeline.train.recipe.Recipe` (its ``policy_epochs``, ``mosaic_prob`` and
+        ``flip_prob``: 0 for the RT-CO-DETR distillation stage, which only resized)."""
+        return cls(epochs=tuple(recipe.policy_epochs), mosaic_prob=recipe.mosaic_prob, flip_p=recipe.flip_prob,
+                   output_size=output_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

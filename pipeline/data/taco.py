@@ -1,7 +1,12 @@
 """TACO as the RT-CO-DETR paper prepared it: perceptual duplicates removed, every image resized
-to 640x640 (boxes and polygons scaled with it), a seeded 85/15 train/val split (1,273 / 225 on
-the 1,500-image official release, after dropping its duplicates), written as COCO json and as a
-YOLO directory.
+to 640x640 (boxes and polygons scaled with it), a train/val split (1,273 / 225 on the 1,500-image
+official release, after dropping its duplicates), written as COCO json and as a YOLO directory.
+
+The split is the authors' when ``val_list`` names their 225 validation images (image ids or file
+names, e.g. the folder ``benchmark/benchmark_output/taco_yolo_for_eval/images/val`` of their
+repository, whose files are ``<image id>.jpg``): those images are val, whatever the duplicate
+search says, and everything else is train. Without it, a seeded 85/15 shuffle, which on TACO
+shares only about 30 of its 225 validation images with the authors' list.
 
     out/images/{train,val}/<file>.jpg         resized images
     out/annotations/instances_{train,val}.json
@@ -9,7 +14,8 @@ YOLO directory.
     out/prepare_report.json                   the removed duplicates and the split sizes
 
 Duplicates are found with ``imagehash.phash`` (64-bit DCT hash): an image whose hash lies within
-``max_distance`` bits of an earlier image's (by image id) is dropped with its annotations.
+``max_distance`` bits of an earlier image's (by image id; listed val images first) is dropped with
+its annotations, so no train image repeats a listed val image.
 """
 from __future__ import annotations
 
@@ -74,6 +80,58 @@ def _scale_annotation(a: dict, sx: float, sy: float) -> dict:
     return a
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def read_val_list(path) -> list[str]:
+    """The entries of ``--val-list``: a text file (one image id or file name a line, ``#`` comments), or a
+    folder whose image files, named ``<image id>.<ext>`` (the authors' evaluation copy), are the list."""
+    path = Path(path)
+    if path.is_dir():
+        entries = sorted(f.name for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file():
+        entries = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        entries = [e for e in entries if e]
+    else:
+        raise DatasetError(f"--val-list {path}: no such file or folder. Fix: pass a text file of image ids or file "
+                           "names, or the folder of the authors' validation images (<id>.jpg)")
+    if not entries:
+        raise DatasetError(f"--val-list {path}: names no image. Fix: one image id or file name a line, or a folder of "
+                           "<id>.jpg images")
+    return entries
+
+
+def match_val_list(entries: list[str], images: list[dict], source) -> list[int]:
+    """Image ids of ``entries``: each is an image's ``file_name`` (as in the annotations, or as this job
+    writes it, ``/`` -> ``_``), or an image id (``1004`` or ``1004.jpg``); anything else is an error."""
+    by_file = {im["file_name"]: im["id"] for im in images}
+    by_file.update({_out_name(im["file_name"]): im["id"] for im in images})
+    basenames = {Path(im["file_name"]).name for im in images}
+    ids = {im["id"] for im in images}
+    found, missing, ambiguous = set(), [], []
+    for e in entries:
+        stem = Path(e).stem
+        if e in by_file:
+            found.add(by_file[e])
+        elif "/" in e or not stem.isdigit() or int(stem) not in ids:
+            missing.append(e)
+        elif e in basenames:   # "000006.jpg": TACO's own name in several batches, or image id 6?
+            ambiguous.append(e)
+        else:
+            found.add(int(stem))
+    if missing or ambiguous:
+        what = (f"{len(missing)} name no image (by file name or id), e.g. {missing[:5]}" if missing else
+                f"{len(ambiguous)} are both an image id and a file name in several folders, e.g. {ambiguous[:5]}")
+        raise DatasetError(f"--val-list {source}: of its {len(entries)} entries {what}. Fix: list the image ids "
+                           "(1004) or the full file names (batch_1/000006.jpg) of this annotation file")
+    return sorted(found)
+
+
+def _out_name(file_name: str) -> str:
+    """The file name an image gets in ``out/images/<split>`` (batch folders flattened)."""
+    return Path(file_name.replace("/", "_")).with_suffix(".jpg").name
+
+
 def split_ids(ids: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded shuffle, then the first round(val_fraction * n) ids are val (both lists sorted)."""
     order = np.random.default_rng(seed).permutation(len(ids))
@@ -84,8 +142,9 @@ def split_ids(ids: list[int], val_fraction: float, seed: int) -> tuple[list[int]
 
 
 def prepare_taco(annotations, images, out, size: int = 640, val_fraction: float = 0.15, seed: int = 0,
-                 max_distance: int = 4, quality: int = 95) -> dict:
-    """Run the whole preparation; returns the report written to ``out/prepare_report.json``."""
+                 max_distance: int = 4, quality: int = 95, val_list=None) -> dict:
+    """Run the whole preparation; returns the report written to ``out/prepare_report.json``.
+    ``val_list``: the authors' validation images (see :func:`read_val_list`) instead of a seeded split."""
     import imagehash
 
     data = read_json(Path(annotations))
@@ -95,23 +154,35 @@ def prepare_taco(annotations, images, out, size: int = 640, val_fraction: float 
                                "annotations.json (COCO format)")
     images, out = Path(images), Path(out)
     ims = sorted(data["images"], key=lambda im: im["id"])
+    listed = set(match_val_list(read_val_list(val_list), ims, val_list)) if val_list is not None else set()
+    ims = [im for im in ims if im["id"] in listed] + [im for im in ims if im["id"] not in listed]
     hashes = []
     for im in tqdm(ims, desc="perceptual hashes", dynamic_ncols=True):
         hashes.append(int(str(imagehash.phash(_open(images / im["file_name"], im["width"], im["height"]))), 16))
-    dup = perceptual_duplicates(hashes, max_distance)
+    found = perceptual_duplicates(hashes, max_distance)
+    dup = {i: j for i, j in found.items() if ims[i]["id"] not in listed}   # a listed image stays in val
     removed = [dict(id=ims[i]["id"], file_name=ims[i]["file_name"], duplicate_of=ims[j]["id"]) for i, j in dup.items()]
     kept = [im for i, im in enumerate(ims) if i not in dup]
-    train_ids, val_ids = split_ids([im["id"] for im in kept], val_fraction, seed)
+    if listed:
+        val_ids = sorted(listed)
+        train_ids = sorted(im["id"] for im in kept if im["id"] not in listed)
+    else:
+        train_ids, val_ids = split_ids([im["id"] for im in kept], val_fraction, seed)
     by_image: dict[int, list[dict]] = {}
     for a in data["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
 
-    report = dict(source=str(annotations), size=size, seed=seed, val_fraction=val_fraction,
-                  max_distance=max_distance, images_in=len(ims), duplicates_removed=removed, splits={})
+    report = dict(source=str(annotations), size=size, split=f"listed: {val_list}" if listed else "seeded",
+                  seed=seed, val_fraction=val_fraction, max_distance=max_distance, images_in=len(ims),
+                  duplicates_removed=removed,
+                  listed_duplicates_kept=[dict(id=ims[i]["id"], duplicate_of=ims[j]["id"])
+                                          for i, j in found.items() if i not in dup],
+                  splits={})
     for split, ids in (("train", set(train_ids)), ("val", set(val_ids))):
         out_images, out_anns = [], []
-        for im in tqdm([im for im in kept if im["id"] in ids], desc=f"resize {split}", dynamic_ncols=True):
-            name = Path(im["file_name"].replace("/", "_")).with_suffix(".jpg").name
+        for im in tqdm(sorted((im for im in kept if im["id"] in ids), key=lambda im: im["id"]),
+                       desc=f"resize {split}", dynamic_ncols=True):
+            name = _out_name(im["file_name"])
             target = out / "images" / split / name
             target.parent.mkdir(parents=True, exist_ok=True)
             _open(images / im["file_name"], im["width"], im["height"]).resize((size, size), Image.BICUBIC) \

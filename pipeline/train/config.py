@@ -33,18 +33,31 @@ def _class_map_flag(value: str):
 @dataclass
 class TrainConfig:
     size: str = _f("s", "RT-DETRv4 size", choices=["s", "m", "l", "x"])
-    student: str = _f("rtdetrv4", "student: rtdetrv4 (of --size) or rtdetrv2_r50 (RT-CO-DETR's RT-DETR-L: "
-                                  "transformers' RT-DETRv2-R50vd)", choices=["rtdetrv4", "rtdetrv2_r50"])
-    student_weights: str | None = _f(None, "rtdetrv2_r50: local transformers directory to start from "
-                                           "(none: random init, loud warning)")
+    student: str | None = _f(None, "student: rtdetrv4 (of --size; the default) or rtdetrv2_r50 (RT-CO-DETR's "
+                                   "RT-DETR-L: transformers' RT-DETRv2-R50vd; the default of --recipe rt-co-detr)",
+                             choices=["rtdetrv4", "rtdetrv2_r50"])
+    student_weights: str | None = _f(None, "rtdetrv2_r50: local transformers directory to start from (e.g. a "
+                                           "PekingU/rtdetr_v2_r50vd snapshot); required by --recipe rt-co-detr")
+    random_student: bool = _f(False, "let --recipe rt-co-detr start rtdetrv2_r50 from random weights without "
+                                     "--student-weights (the paper fine-tunes COCO weights; its mAP collapses)")
     recipe: str | None = _f(None, "training recipe (default: the RT-DETRv4 recipe of --size; rt-co-detr: the "
-                                  "RT-CO-DETR paper's AdamW 5e-5 / wd 1e-4 / 50 epochs / batch 16 per GPU)",
+                                  "RT-CO-DETR paper whole: student, pairing, class map, teacher size, optimizer, "
+                                  "schedule, batch and augmentation of each stage, see docs/rt_co_detr.md)",
                             choices=["rtdetrv4", "rt-co-detr"])
+    stage: str | None = _f(None, "rt-co-detr: both (default with a teacher: distillation without labels into "
+                                 "OUT/distill, then fine-tuning on the labels into OUT/finetune, both reported), "
+                                 "distill, finetune (the default of --distill none: the baseline), or joint (one "
+                                 "run, distillation terms added to the detection loss)",
+                           choices=["both", "distill", "finetune", "joint"])
+    augment: str | None = _f(None, "augmentation (default: the recipe's; rt-co-detr: none = resize only in the "
+                                   "distillation stage, rtdetrv2 in fine-tuning; rtdetrv4 = the --size recipe's "
+                                   "Mosaic/MixUp phases)", choices=["none", "rtdetrv2", "rtdetrv4"])
     lr: float | None = _f(None, "base learning rate (default: the recipe's)")
     weight_decay: float | None = _f(None, "AdamW weight decay (default: the recipe's)")
     schedule: str | None = _f(None, "LR schedule (default: the recipe's; flat-cosine for RT-DETRv4, plateau for "
                                     "rt-co-detr)", choices=["flat-cosine", "multistep", "plateau"])
-    ema: bool = _f(True, "evaluate and keep an EMA of the weights (--no-ema: the raw weights)")
+    ema: bool | None = _f(None, "evaluate and keep an EMA of the weights (--no-ema: the raw weights; default: the "
+                                "recipe's, on for RT-DETRv4, off for rt-co-detr as the authors)")
     data: str | None = _f(None, "COCO json/dir, YOLO dir (data.yaml) or a jobs.make_shards directory "
                                 "(default: the embedded synthetic dataset)")
     val_data: str | None = _f(None, "validation set (default: the --val-split of --data)")
@@ -61,24 +74,26 @@ class TrainConfig:
     workers: int = _f(2, "DataLoader workers per process")
     seed: int = _f(0, "seed of the augmentation plan and of the model initialisation")
     # distillation
-    distill: str = _f("dsi", "dsi: RT-DETRv4 (VFM teacher, DSI+GAM); codetr: RT-CO-DETR (detector teacher); "
-                             "feat: feature-only MSE from the --vfm teacher (the RT-DisDINOv3 ablation)",
-                      choices=["dsi", "codetr", "feat", "none"])
+    distill: str | None = _f(None, "dsi: RT-DETRv4 (VFM teacher, DSI+GAM; the default); codetr: RT-CO-DETR "
+                                   "(detector teacher; the default of --recipe rt-co-detr); feat: feature-only MSE from "
+                                   "the --vfm teacher (the RT-DisDINOv3 ablation)",
+                             choices=["dsi", "codetr", "feat", "none"])
     teacher_checkpoint: str | None = _f(None, "RT-CO-DETR teacher: a transformers detector directory (Conditional-"
                                               "DETR, DETR, Deformable-DETR, RT-DETR) or a detector .pth (ours/official)")
-    teacher_input_size: int | None = _f(None, "RT-CO-DETR teacher input size (default: its preprocessor_config.json; "
-                                              "640: the authors' setting)")
+    teacher_input_size: int | None = _f(None, "RT-CO-DETR teacher input size (default: its preprocessor_config.json, "
+                                              "800 px for Conditional-DETR; 640 under --recipe rt-co-detr, the "
+                                              "authors' setting; 0: the preprocessor's in any case)")
     class_map: dict | str | None = _f(None, 'RT-CO-DETR classes: name (default: by id2label name), slice (the '
-                                            'authors\' first-K columns) or JSON {"teacher": "student"} (indices or names)',
-                                      type=_class_map_flag)
+                                            'authors\' first-K columns, the default of --recipe rt-co-detr) or JSON '
+                                            '{"teacher": "student"} (indices or names)', type=_class_map_flag)
     lambda_feat: float | None = _f(None, "RT-CO-DETR / feat: feature-MSE weight (default 1.0)")
     lambda_cls: float | None = _f(None, "RT-CO-DETR: tau^2 KL weight (default 0.8)")
     lambda_box: float | None = _f(None, "RT-CO-DETR: box L1 weight (default 1.2)")
     temperature: float | None = _f(None, "RT-CO-DETR: KL temperature tau (default 4)")
     det_loss: bool = _f(True, "the detection loss on the labels (--no-det-loss: distillation terms only, the "
-                              "authors' stage 1; fine-tune afterwards with --finetune)")
-    pairing: str = _f("hungarian", "RT-CO-DETR query pairing (index = the reference implementation)",
-                      choices=["hungarian", "index"])
+                              "authors' stage 1; --stage distill of --recipe rt-co-detr never uses labels)")
+    pairing: str | None = _f(None, "RT-CO-DETR query pairing (default: hungarian; index, the authors', under "
+                                   "--recipe rt-co-detr)", choices=["hungarian", "index"])
     cache: str | None = _f(None, "teacher-feature store written by jobs.cache_teacher")
     strict_cache: bool = _f(False, "stop the run (naming shard and view) when a cached view is missing or damaged, "
                                    "instead of computing it with the online teacher")
@@ -112,9 +127,15 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "also write last.pth every N steps (mid-epoch resume; 0: per epoch only)")
     max_steps_per_epoch: int | None = _f(None, "cap the epoch length (smoke runs)")
     eval_max_images: int | None = _f(None, "evaluate on at most N validation images")
-    patience: int | None = _f(None, "early stopping: stop when the val AP has not improved for N epochs")
+    patience: int | None = _f(None, "early stopping: stop when the monitored value (val AP; the val distillation "
+                                    "loss in a label-free stage) has not improved for N epochs (default: the "
+                                    "recipe's: 12 / 7 in the RT-CO-DETR distillation stages, none otherwise)")
     save_period: int = _f(0, "also keep epoch<N>.pth (resumable) every N epochs (0: only last.pth and best.pth)")
     device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
+
+    def __post_init__(self):
+        if self.distill is None:   # each recipe's own distillation
+            self.distill = "codetr" if self.recipe == "rt-co-detr" else "dsi"
 
 
 def _scalar_type(hint):

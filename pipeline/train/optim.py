@@ -23,12 +23,13 @@ def _named(model: nn.Module, extra: Mapping[str, nn.Module] | None) -> list[tupl
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], recipe: Recipe) -> list[dict]:
     """Official grouping: a parameter joins every group whose regex ``re.findall`` matches (in
-    order: backbone, norm); the rest form the last group (base lr / base wd). Each group carries a
+    order: backbone, encoder, norm); the rest form the last group (base lr / base wd). Each group carries a
     ``name`` and the parameter names in ``param_names`` for logging. A parameter matched by both
     regexes is an error, as it is for torch.optim in the official code. Frozen parameters
     (requires_grad False, e.g. the decoder's ``up``/``reg_scale``) are left out, as officially."""
     named = [(n, p) for n, p in named if p.requires_grad]
     specs = [("backbone", recipe.backbone_regex, dict(lr=recipe.backbone_lr)),
+             ("encoder", recipe.encoder_regex, dict(lr=recipe.encoder_lr)),   # RT-CO-DETR fine-tuning only
              ("norm", recipe.norm_regex, dict(weight_decay=0.0))]
     groups, seen = [], {}
     for gname, pattern, opts in specs:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 RESULTS = "results.csv"
-VAL_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+VAL_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "kd_loss")   # kd_loss: a label-free stage
 
 
 def is_main_loss(name: str) -> bool:
@@ -241,14 +241,15 @@ def final_plots(cocoeval, class_names: list[str], folder: str | Path) -> list[Pa
             plot_confusion(confusion_matrix(cocoeval), class_names, folder / "confusion_matrix.png")]
 
 
-def epochs_since_best(path: str | Path, metric: str = "val/AP") -> int:
+def epochs_since_best(path: str | Path, metric: str = "val/AP", lower_is_better: bool = False) -> int:
     """Epochs since ``metric`` last improved in results.csv (0 when the last epoch is the best)."""
     if not Path(path).is_file():
         return 0
     values = read_results(path).get(metric, [])
     if not values:
         return 0
-    best = int(np.nanargmax(values)) if not all(math.isnan(v) for v in values) else 0
+    pick = np.nanargmin if lower_is_better else np.nanargmax
+    best = int(pick(values)) if not all(math.isnan(v) for v in values) else 0
     return len(values) - 1 - best
 
 

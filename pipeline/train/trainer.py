@@ -37,7 +37,8 @@ from pipeline.train.ema import ModelEMA
 from pipeline.data.evaluate import CocoEvaluator, format_table
 from pipeline.train.optim import build_optimizer, build_schedule
 from pipeline.train.recipe import Recipe, recipe_from_config
-from pipeline.train.rt_co_detr import build_codetr, build_feat, build_student, distill_losses
+from pipeline.train.rt_co_detr import (active_distill, build_codetr, build_feat, build_student, distill_losses,
+                                       resolve_preset, validation_distill_loss)
 from pipeline.train import outputs as run_outputs
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainData, build_train_data
@@ -57,9 +58,13 @@ class Student(nn.Module):
         self.detector = detector
         self.dsi = dsi
         self.codetr = codetr
+        self.tap: EncoderTap | None = None   # RT-CO-DETR: set after the EMA copy, which must not copy its hook
 
     def forward(self, images, targets=None):
-        return self.detector(images, targets)
+        outputs = self.detector(images, targets)
+        if self.tap is not None:   # the fused maps leave through the (DDP) forward, so a loss on them alone syncs
+            outputs = {**outputs, "encoder_maps": self.tap.maps}
+        return outputs
 
 
 def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -80,6 +85,7 @@ class Trainer:
                 f"rank {self.dist.rank} on {socket.gethostname()}: --resume {cfg.resume} not found. In a multi-node "
                 "run every node loads the checkpoint: put --out on shared storage or copy last.pth to the same "
                 "path on each node")
+        cfg, self.preset = resolve_preset(cfg)   # --recipe rt-co-detr fills the paper's settings
         self.cfg = cfg = self._run_dir(cfg)
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.out = Path(cfg.out)
@@ -94,7 +100,9 @@ class Trainer:
             self.recipe = recipe = replace(recipe, warmup_iter=min(recipe.warmup_iter, max(1, total // 20)))
         self._build_model()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best_ap, self.bad_steps = -1.0, 0
+        self.best_ap, self.bad_steps = -1.0, 0   # best monitored score: val AP, or -(val distillation loss)
+        if self.recipe.monitor == "kd_loss":
+            self.best_ap = float("-inf")
         self.since_reload_best: float | None = None   # best AP since the last stage-2 reload
         if cfg.resume:
             self._resume(cfg.resume)
@@ -120,17 +128,18 @@ class Trainer:
         cfg, dev = self.cfg, self.dist.device
         detector, criterion = build_student(cfg, self.data.num_classes, self.data.class_names)
         dsi = codetr = None
-        if cfg.distill == "dsi":
+        mode = active_distill(cfg)
+        if mode == "dsi":
             if cfg.student != "rtdetrv4":
                 raise ValueError("--distill dsi (DSI + GAM) is for the RT-DETRv4 student; use codetr, feat or none")
             width = detector.cfg.backbone_channels[-1] if cfg.dsi_tap == "backbone" else detector.cfg.hidden_dim
             dsi = DSI(DSIConfig(student_dim=width, teacher_dim=self.data.teacher_dim, projector=cfg.dsi_projector,
                                 loss=cfg.dsi_loss, tap=cfg.dsi_tap))
-        elif cfg.distill == "codetr":
+        elif mode == "codetr":
             self.detector_teacher, codetr = build_codetr(cfg, detector, self.data.class_names, dev)
-        elif cfg.distill == "feat":
+        elif mode == "feat":
             self.detector_teacher, codetr = build_feat(cfg, detector, dev)
-        elif cfg.distill != "none":
+        elif mode != "none":
             raise ValueError(f"--distill must be dsi, codetr, feat or none, got {cfg.distill!r}")
         if not cfg.det_loss and codetr is None:
             raise ValueError("--no-det-loss leaves no loss without --distill codetr or feat")
@@ -157,7 +166,7 @@ class Trainer:
         # --no-ema: decay 0 makes the evaluated copy the raw weights after every step
         self.ema = ModelEMA(detector, decay=self.recipe.ema_decay if self.recipe.ema else 0.0,
                             warmups=self.recipe.ema_warmups)
-        self.student_tap = EncoderTap(detector) if codetr is not None else None  # after the EMA copy
+        student.tap = EncoderTap(detector) if codetr is not None else None  # after the EMA copy
         self.amp_dtype = _amp_dtype(cfg.amp, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
         gam_cfg = replace(self.recipe.gam, lambda0=cfg.distill_weight or self.recipe.gam.lambda0, rule=cfg.gam_rule)
@@ -230,7 +239,7 @@ class Trainer:
         losses = self.criterion(outputs, targets) if self.cfg.det_loss else {}
         if self.student.codetr is not None:
             losses.update(distill_losses(self.cfg.distill, self.student.codetr, self.detector_teacher, images,
-                                         outputs, self.student_tap.maps))
+                                         outputs, outputs["encoder_maps"]))
         if projected is not None:
             losses["loss_distill"] = self._distill_weight() * self.student.dsi.alignment_loss(projected, teacher_map)
         return losses, outputs
@@ -247,7 +256,8 @@ class Trainer:
                                      "the learning rate; the last good checkpoint is last.pth)")
 
     def train_step(self, images, targets, batch_info) -> dict | None:
-        check_labels(targets, self.criterion.num_classes)
+        if self.cfg.det_loss:   # a label-free stage may keep a student head of another label space
+            check_labels(targets, self.criterion.num_classes)
         images = images.to(self.dist.device, non_blocking=True)
         targets = [{k: (v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in targets]
@@ -267,10 +277,15 @@ class Trainer:
             # no boxes on this rank, so no denoising queries: keep the embedding in the graph with a
             # zero gradient, or DDP (find_unused_parameters=False, as official) waits for it forever
             loss = loss + 0.0 * embed.weight.sum()
+        if not self.cfg.det_loss and self.dist.enabled:
+            # a label-free stage leaves heads (under --distill feat the whole decoder) without gradient: the same
+            # guard for all of them (AdamW then also decays them, by lr * wd per step, which one process skips)
+            loss = loss + 0.0 * sum(p.sum() for p in detector.parameters() if p.requires_grad)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.clip_max_norm)
+        # clip_max_norm 0 (RT-CO-DETR): no clipping, the norm is still measured for the finiteness check
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.clip_max_norm or float("inf"))
         # The criterion maps NaN terms to 0 (official nan_to_num), so the gradient norm is what
         # reveals a poisoned step; fp16 overflow is the scaler's business, not a bad step.
         finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) | self.scaler.is_enabled())
@@ -357,17 +372,27 @@ class Trainer:
         self.last_cocoeval = evaluator.cocoeval   # the final PR curve / confusion matrix read its arrays
         return stats
 
+    def evaluate_distill(self) -> dict:
+        """{"kd_loss": the validation distillation loss of the EMA weights}: what a label-free stage follows."""
+        loader = self.data.val_loader(self.dist.rank, self.dist.world_size)
+        limit = -(-self.cfg.eval_max_images // self.batch_size) if self.cfg.eval_max_images else None
+        batches = (b for i, b in enumerate(loader) if limit is None or i < limit)
+        return {"kd_loss": validation_distill_loss(self.cfg.distill, self.ema.module, self.student.codetr,
+                                                   self.detector_teacher, batches, self.dist.device, self.amp_dtype)}
+
     def _end_epoch(self) -> None:
-        stats = self.evaluate()
+        by_kd = self.recipe.monitor == "kd_loss"
+        stats = self.evaluate_distill() if by_kd else self.evaluate()
         gam_rec = self.gam.end_epoch(self.epoch) if (self.gam is not None and self.cfg.gam) else None
         if gam_rec is not None:
             gam_rec["lambda_per_rank"] = all_gather_floats(self.gam.weight)
         weights_per_rank = all_gather_objects(weights_digest(self.student))
-        ap = stats["AP"]
+        ap = -stats["kd_loss"] if by_kd else stats["AP"]   # the monitored score: higher is better
         if hasattr(self.schedule, "end_epoch"):   # plateau / multi-step schedules step per epoch
             self.schedule.end_epoch(ap)
         if self.dist.is_main:
-            log.info("epoch %d EMA eval:\n%s", self.epoch, format_table(stats))
+            log.info("epoch %d EMA eval:\n%s", self.epoch,
+                     f"val distillation loss {stats['kd_loss']:.5f}" if by_kd else format_table(stats))
             for k, v in stats.items():
                 self.writer.add_scalar(f"val/{k}", v, self.epoch)
             if gam_rec:
@@ -393,7 +418,7 @@ class Trainer:
             self.save_weights("best.pth")
         decay = self.ema.decay   # the stage-2 decay: best_stg1's EMA state holds the stage-1 one
         if stage == 2 and not improved and self._load_best_stage1():
-            self.ema.decay = decay - 1e-4
+            self.ema.decay = max(decay - 1e-4, 0.0)   # 0: no EMA stays none
             log.info("stage 2: AP %.4f is no new best: reloaded best_stg1.pth, EMA decay %.4f", ap, self.ema.decay)
         self.save("last.pth")
         if self.dist.is_main and self.cfg.save_period and self.epoch % self.cfg.save_period == 0:
@@ -424,10 +449,12 @@ class Trainer:
         resumed run counts the epochs before the interruption)."""
         if not self.cfg.patience:
             return False
-        since = run_outputs.epochs_since_best(self.out / run_outputs.RESULTS)
+        by_kd = self.recipe.monitor == "kd_loss"
+        since = run_outputs.epochs_since_best(self.out / run_outputs.RESULTS, "val/kd_loss" if by_kd else "val/AP",
+                                              lower_is_better=by_kd)
         if since >= self.cfg.patience:
-            log.info("early stop: no val AP improvement in the last %d epochs (--patience %d); best AP %.4f",
-                     since, self.cfg.patience, self.best_ap)
+            log.info("early stop: no val %s improvement in the last %d epochs (--patience %d)",
+                     "distillation loss" if by_kd else "AP", since, self.cfg.patience)
             return True
         return False
 
@@ -511,13 +538,16 @@ class Trainer:
             prec = stored["protocol"]["precision"] if stored else getattr(data.teacher, "precision", cfg.teacher_precision)
             lines.append(f"teacher   {cfg.vfm} ({prec}), weights: "
                          + ("RANDOM INIT (features meaningless)" if random_teacher else source))
-        elif cfg.distill != "none":
-            lines.append(f"teacher   {cfg.distill}: {cfg.teacher_checkpoint}")
+        elif active_distill(cfg) != "none":
+            lines.append(f"teacher   {cfg.distill}: " + (cfg.teacher_checkpoint if cfg.distill == "codetr" else
+                                                         f"{cfg.vfm}, weights {cfg.weights or 'RANDOM INIT'}"))
         if data.store is not None:
             lines.append(f"cache     {cfg.cache}: {_coverage(data.store, self.epoch)}; hit rate in the bar")
         elif cfg.distill == "dsi":
             lines.append("cache     none: every view goes through the online teacher")
         lines.append(f"output    {self.out}" + (f" (resumed from {cfg.resume})" if cfg.resume else ""))
+        precision = f"{str(self.amp_dtype).removeprefix('torch.')} amp" if self.amp_dtype else "fp32"
+        lines += self.preset.summary_lines(precision)
         overlap = run_outputs.shared_images(data)
         log.info("run summary:\n  %s", "\n  ".join(lines))
         if random_teacher:

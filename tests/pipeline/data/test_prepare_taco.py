@@ -6,6 +6,7 @@ from PIL import Image
 
 pytest.importorskip("imagehash")
 
+from pipeline.data.dataset import DatasetError  # noqa: E402
 from pipeline.data.load import load_dataset  # noqa: E402
 from pipeline.data.taco import perceptual_duplicates, prepare_taco, split_ids  # noqa: E402
 
@@ -94,3 +95,73 @@ def test_prepare_taco_job(taco, tmp_path, capsys):
     assert out["duplicates_removed"] == len(dups)
     assert out["splits"]["train"]["images"] + out["splits"]["val"]["images"] == 12
     assert out["splits"]["val"]["images"] == 2          # round(0.15 * 12)
+
+
+def test_authors_val_list_reproduces_the_225_images_of_the_sample(taco_dir, tmp_path):
+    """A release laid out like the official one (batch folders, zero-padded names, image ids 0..N) holding
+    the 225 sample images among 20 others: --val-list on the sample's folder (the authors' evaluation copy,
+    <id>.jpg) and a text file of the release's file names both give exactly those 225 images as val."""
+    sample = sorted((taco_dir / "images" / "val").glob("*.jpg"))
+    ids = sorted(int(p.stem) for p in sample)
+    extra = [i for i in range(max(ids) + 1) if i not in set(ids)][:20]
+    root, rng = tmp_path / "release", np.random.default_rng(0)
+    images, anns = [], []
+
+    def add(image_id, src=None):
+        name = f"batch_{image_id % 3 + 1}/{image_id:06d}.jpg"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if src is None:
+            _pattern(rng, 320, 240).save(root / name)
+        else:
+            (root / name).symlink_to(src)
+        w, h = Image.open(root / name).size
+        images.append(dict(id=image_id, file_name=name, width=w, height=h))
+        return name, w, h
+
+    names = {}
+    for path in sample:
+        name, w, h = add(int(path.stem), path)
+        names[int(path.stem)] = name
+        label = taco_dir / "labels" / "val" / f"{path.stem}.txt"
+        for row in np.loadtxt(label, ndmin=2) if label.stat().st_size else []:
+            c, cx, cy, bw, bh = row
+            anns.append(dict(id=len(anns), image_id=int(path.stem), category_id=int(c), iscrowd=0, area=bw * bh * w * h,
+                             bbox=[(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]))
+    for i in extra:
+        add(i)
+        anns.append(dict(id=len(anns), image_id=i, category_id=0, bbox=[5.0, 5.0, 30.0, 30.0], area=900.0, iscrowd=0))
+    cats = [dict(id=c, name=f"class {c}") for c in range(60)]
+    ann_path = tmp_path / "annotations.json"
+    ann_path.write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
+
+    report = prepare_taco(ann_path, root, tmp_path / "out", val_list=taco_dir / "images" / "val")
+    val = json.loads((tmp_path / "out" / "annotations" / "instances_val.json").read_text())
+    train = json.loads((tmp_path / "out" / "annotations" / "instances_train.json").read_text())
+    assert sorted(im["id"] for im in val["images"]) == ids and len(ids) == 225
+    assert len(val["annotations"]) == 776 == report["splits"]["val"]["annotations"]
+    assert sorted(im["id"] for im in train["images"]) == extra
+    assert len(load_dataset(tmp_path / "out" / "yolo", "val")) == 225
+    first = val["images"][0]
+    assert np.abs(np.asarray(Image.open(tmp_path / "out" / "images" / "val" / first["file_name"]), dtype=float)
+                  - np.asarray(Image.open(taco_dir / "images" / "val" / f"{first['id']}.jpg"), dtype=float)).mean() < 3
+
+    listed = tmp_path / "val.txt"     # the same split named by the release's file names
+    listed.write_text("# the authors' validation images\n" + "\n".join(names.values()) + "\n")
+    again = prepare_taco(ann_path, root, tmp_path / "out2", val_list=listed)
+    assert again["splits"] == report["splits"]
+
+
+def test_val_list_errors_name_the_entries(taco, tmp_path):
+    path, root, _ = taco
+    bad = tmp_path / "val.txt"
+    bad.write_text("3\nbatch_1/000005.jpg\n99\nnot_an_image.jpg\n")
+    with pytest.raises(DatasetError, match=r"2 name no image.*'99', 'not_an_image.jpg'"):
+        prepare_taco(path, root, tmp_path / "out", val_list=bad)
+    bad.write_text("000003.jpg\n")    # TACO's own name without its batch folder: ambiguous
+    with pytest.raises(DatasetError, match="both an image id and a file name"):
+        prepare_taco(path, root, tmp_path / "out", val_list=bad)
+    bad.write_text("3\nbatch_1/000005.jpg\n7\n")
+    report = prepare_taco(path, root, tmp_path / "out", size=32, val_list=bad)
+    assert report["splits"]["val"]["images"] == 3
+    # 13 repeats listed image 7: it leaves train (no leakage), 12 repeats 3 likewise
+    assert {d["id"] for d in report["duplicates_removed"]} == {12, 13}
