@@ -1,6 +1,6 @@
 """Our training step against the official RT-DETRv4 code's, at identical math, stepped round-robin.
 
-    python benchmarks/official_step.py --official-src /path/to/RT-DETRv4 --size s --img-size 320 \
+    python -m benchmarks.official_step --official-src /path/to/RT-DETRv4 --size s --img-size 320 \
         --batch-size 2 --steps 4
 
 The official model, criterion (RTv4Criterion with its DSI term and GAM), optimizer and EMA come from
@@ -12,6 +12,8 @@ targets (the trainer's collated batches), the same loss terms and, with the teac
 frozen ViT-B/16 (our timm DINOv3 ViT-B, random init; on the official side behind its
 ``DINOv3TeacherModel``, whose hub checkout is not needed). Precision as the official default:
 fp16 autocast + GradScaler on CUDA, fp32 on the CPU. The first step of each run is untimed.
+``benchmarks/official.py`` holds what connects the official code to our data (also used by
+``benchmarks/recipe_parity.py``, which trains whole runs of both).
 
 It prints samples/s of each, the ratio ours/official, and host syncs per step of each (counted by
 ``pipeline.train.host_sync``: CUDA sync debug mode on a GPU; on the CPU, the calls that would
@@ -25,75 +27,28 @@ import argparse
 import contextlib
 import io
 import os
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
+from benchmarks.official import (Official, drop_distill, import_official, official_config,  # noqa: E402
+                                 official_teacher, portable_distill)
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.host_sync import count_host_syncs  # noqa: E402
 from pipeline.train.trainer import Trainer  # noqa: E402
-from teacher_cache.teachers import build_teacher  # noqa: E402
-
-
-def import_official(src: str):
-    """The official ``engine`` package of an RT-DETRv4 checkout (a clear error when it cannot import)."""
-    root = Path(src).resolve()
-    if not (root / "engine" / "core" / "yaml_config.py").is_file():
-        raise SystemExit(f"--official-src {src}: no engine/core/yaml_config.py there; pass the root of an "
-                         "RT-DETRv4 checkout (github.com/RT-DETRs/RT-DETRv4)")
-    sys.path.insert(0, str(root))
-    try:
-        import engine  # noqa: F401
-        from engine.core import YAMLConfig
-        from engine.solver.det_engine import train_one_epoch
-    except ModuleNotFoundError as e:
-        raise SystemExit(f"the official code needs {e.name!r}: pip install --no-deps {e.name} (into this "
-                         "run's environment only; it is no project dependency)") from e
-    return root, YAMLConfig, train_one_epoch
-
-
-class _HubStandIn(nn.Module):
-    """What the official DINOv3TeacherModel calls as ``self.model``: our ViT-B/16 giving its
-    final-norm patch tokens as ``x_norm_patchtokens`` (DINOv3's hub interface)."""
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x, is_training=True, masks=None):
-        tokens = self.vit.forward_features(x)
-        return {"x_norm_patchtokens": tokens[:, self.vit.num_prefix_tokens:]}
-
-
-def official_teacher(vfm: str, device):
-    from engine.rtv4.dinov3_teacher import DINOv3TeacherModel
-    from torchvision.transforms import v2 as transforms
-    ours = build_teacher(vfm)
-    t = DINOv3TeacherModel.__new__(DINOv3TeacherModel)
-    nn.Module.__init__(t)
-    t.patch_size, t.teacher_feature_dim = ours.patch, ours.embed_dim
-    t.model = _HubStandIn(ours.model).eval().requires_grad_(False)
-    t.normalize_transform = transforms.Normalize(mean=ours.mean.flatten().tolist(), std=ours.std.flatten().tolist())
-    t.avgpool_2x2 = nn.AvgPool2d(kernel_size=2, stride=2)
-    return t.to(device).eval()
 
 
 class OfficialStep:
     """One official training step = ``train_one_epoch`` over a one-batch loader."""
 
-    def __init__(self, root: Path, YAMLConfig, train_one_epoch, size: str, img_size: int, num_classes: int,
-                 teacher: bool, vfm: str, device):
-        cfg = YAMLConfig(str(root / "configs" / "rtv4" / f"rtv4_hgnetv2_{size}_coco.yml"),
-                         HGNetv2={"pretrained": False}, eval_spatial_size=[img_size, img_size],
-                         num_classes=num_classes)
-        self.device, self.train_one_epoch = device, train_one_epoch
+    def __init__(self, off: Official, size: str, img_size: int, num_classes: int, teacher: bool, vfm: str, device,
+                 teacher_dim: int = 768):
+        cfg = official_config(off, size, img_size, num_classes, teacher_dim=teacher_dim)
+        self.device, self.train_one_epoch = device, off.train_one_epoch
         self.model = cfg.model.to(device)
         self.criterion = cfg.criterion.to(device)
         self.optimizer = cfg.optimizer
@@ -102,9 +57,9 @@ class OfficialStep:
         self.max_norm = cfg.clip_max_norm
         self.teacher = official_teacher(vfm, device) if teacher else None
         if not teacher:  # no teacher: no DSI term, as our distill=none
-            self.criterion.losses = [x for x in self.criterion.losses if x != "distill"]
+            drop_distill(self.criterion)
         elif device.type != "cuda":
-            _portable_distill(self.criterion)
+            portable_distill(self.criterion)
         self.epoch = 0
 
     def __call__(self, images, targets):
@@ -114,19 +69,6 @@ class OfficialStep:
                                  self.epoch, max_norm=self.max_norm, print_freq=10**9, ema=self.ema,
                                  scaler=self.scaler, teacher_model=self.teacher)
         self.epoch += 1
-
-
-def _portable_distill(criterion) -> None:
-    """The official DSI term of a layer without features (aux/pre/dn) returns a zero placed on
-    device='cuda' (hard-coded), so it cannot run on the CPU; the same zero on the outputs' device."""
-    official = criterion.loss_distillation
-
-    def loss_distillation(outputs, *args, **kwargs):
-        if outputs.get("student_distill_output") is None or outputs.get("teacher_encoder_output") is None:
-            return {"loss_distill": torch.zeros((), device=outputs["pred_logits"].device, requires_grad=True)}
-        return official(outputs, *args, **kwargs)
-
-    criterion.loss_distillation = loss_distillation
 
 
 class OurStep:
@@ -143,7 +85,7 @@ def _sync(device) -> None:
 
 
 def run(args) -> dict:
-    root, YAMLConfig, train_one_epoch = import_official(args.official_src)
+    off = import_official(args.official_src)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = "fp16" if device.type == "cuda" else "off"   # the official default: fp16 autocast + GradScaler
     results = {}
@@ -158,8 +100,8 @@ def run(args) -> dict:
             if batches is None:   # the last phase (no MixUp, no multi-scale): every batch at --img-size
                 loader = iter(trainer.data.train_loader(trainer.recipe.policy_epochs[-1], 0))
                 batches = [next(loader) for _ in range(args.steps)]
-            official = OfficialStep(root, YAMLConfig, train_one_epoch, args.size, args.img_size,
-                                    trainer.data.num_classes, teacher == "on", args.vfm, device)
+            official = OfficialStep(off, args.size, args.img_size, trainer.data.num_classes, teacher == "on",
+                                    args.vfm, device, teacher_dim=trainer.data.teacher_dim or 768)
             runs[f"ours/teacher {teacher}"] = (lambda b, s=OurStep(trainer): s(*b), trainer.model)
             runs[f"official/teacher {teacher}"] = (
                 lambda b, s=official: s(b[0].to(device), [{k: v.to(device) for k, v in t.items()

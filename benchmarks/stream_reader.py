@@ -1,22 +1,26 @@
-"""Streaming reader (WebDataset shards) vs the map-style dataset, both with the full augmentation.
+"""Training from WebDataset shards (byte-range reads that follow the plan) vs the map-style data set.
 
-Measured side by side in one run on the TACO images (or any --data):
+Measured side by side in one run on the TACO images (or any --data), both under the same
+``TrainPlan`` (L recipe, global batch ``--batch``), through the trainer's own path (``PlanSampler``
++ ``PlanDataset`` + ``PlanCollate`` in a DataLoader with ``--workers`` workers):
   1. JPEG decode: torchvision ``decode_image`` (what the pipeline uses) vs PIL, per image;
-  2. decode share of the per-sample time with the full training augmentation (one process,
-     phase 2 = mosaic epochs and phase 3 = no-mosaic epochs), for the map-style and the stream path;
-  3. samples/s through a DataLoader with the same workers: map-style ``AugmentedDataset`` vs
-     ``ShardStream(mode="train")``, augmented and plain (decode only), both drawing with replacement
-     so that epochs longer than the data set amortise the shuffle buffer as in real training.
+  2. samples/s with the full augmentation, in a mosaic epoch and a no-mosaic epoch: the map-style
+     data set vs ``ShardDataset`` (alternated, best of ``--repeats``; the batches are checked equal);
+  3. the streamed path's I/O over one epoch, counted by its readers in one process: requests per
+     step and bytes per epoch from the shards (the step's samples, then their mosaic partners), and
+     from an exact store of the plan (filled with random int8 views of 768 channels, joined by
+     (epoch, step, slot)); the request counts are the same on object storage (the same calls);
+  4. decode only: a sequential pass (``ShardStream``, tar streaming) vs the map-style data set.
 
-    python -m benchmarks.stream_reader [--data ../shared/data/taco_val] [--workers 2] [--samples 225]
+    python -m benchmarks.stream_reader [--data ../shared/data/taco_val] [--workers 2] [--batch 8]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import tempfile
 import time
-from itertools import islice
 import warnings
 from pathlib import Path
 
@@ -26,19 +30,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image
 
-import pipeline.data.dataset
-import pipeline.data.shards
-from pipeline.data.augment import AugmentedDataset
 from pipeline.data.load import load_dataset
-from pipeline.data.policy import AugPolicy
-from pipeline.data.shards import ShardStream, write_shards
+from pipeline.data.plan import PlanCollate, PlanDataset, PlanSampler, TrainPlan
+from pipeline.data.shards import ShardDataset, ShardStream, write_shards
+from pipeline.train.data import ExactJoin
+from pipeline.train.recipe import resolve_recipe
+from teacher_cache.exact import ExactStore
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TACO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taco_val"
-
-
-def keep(batch):
-    return batch
 
 
 def per_image_ms(fn, blobs) -> float:
@@ -56,33 +56,33 @@ def decode_pil(data: bytes):
     return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
 
 
-class DecodeTimer:
-    """Wraps ``pipeline.data.dataset.decode`` (used by the dataset and the stream) to time it."""
-
-    def __init__(self):
-        self.seconds, self.calls, self.original = 0.0, 0, pipeline.data.dataset.decode
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        out = self.original(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return out
-
-    def __enter__(self):
-        pipeline.data.dataset.decode = pipeline.data.shards.decode = self
-        return self
-
-    def __exit__(self, *exc):
-        pipeline.data.dataset.decode = pipeline.data.shards.decode = self.original
+def epoch_batches(dataset, plan: TrainPlan, epoch: int, workers: int, join=None) -> list:
+    sampler = PlanSampler(plan)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(PlanDataset(dataset, plan, join=join), batch_sampler=sampler, num_workers=workers,
+                        collate_fn=PlanCollate(plan))
+    return [(hashlib.sha256(images.numpy().tobytes()).hexdigest(), [t["key"] for t in targets], batch.size)
+            for images, targets, batch in loader]
 
 
-def samples_per_second(loader, n: int) -> float:
-    start, count = time.perf_counter(), 0
-    for batch in loader:
-        count += len(batch)
-    assert count == n, (count, n)
-    return count / (time.perf_counter() - start)
+def fill_exact_store(url: str, plan: TrainPlan, epoch: int) -> ExactStore:
+    """An exact store of ``plan`` whose ``epoch`` holds random int8 views (the reads, not the values, count)."""
+    teacher = {"name": "bench", "arch": "bench", "embed_dim": 768, "weights_sha256": "0" * 64,
+               "weights_source": "random-init", "protocol": {"precision": "fp32"}}
+    store = ExactStore.create(url, teacher=teacher, plan=plan.to_dict(), plan_hash=plan.hash(), epochs=plan.epochs,
+                              steps_per_epoch=plan.steps_per_epoch, global_batch=plan.global_batch,
+                              dataset_hash=plan.dataset_hash, keys=[str(i) for i in range(plan.num_samples)],
+                              grids=plan.grids())
+    rng = np.random.default_rng(0)
+    for b in range(store.blocks_per_epoch):
+        views = []
+        for s in store.block_steps(b):
+            h, w = plan.grid(epoch, s)
+            views += [(s, k, i, rng.integers(-127, 128, (h * w, 768), dtype=np.int8),
+                       rng.random(h * w, dtype=np.float32).astype(np.float16), (h, w))
+                      for k, i in enumerate(plan.samples(epoch, s))]
+        store.write_block(epoch, b, views)
+    return store
 
 
 def main() -> None:
@@ -90,59 +90,70 @@ def main() -> None:
     ap.add_argument("--data", default=str(TACO))
     ap.add_argument("--split", default="val")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--samples", type=int, default=900,
-                    help="samples per measured epoch, decode only (drawn with replacement, as resampled shards)")
-    ap.add_argument("--aug-samples", type=int, default=96, help="samples per measured epoch (augmented)")
+    ap.add_argument("--batch", type=int, default=8, help="the plan's global batch")
     ap.add_argument("--repeats", type=int, default=2, help="loader runs per path, alternating; the best counts")
     ap.add_argument("--shard-size", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)  # as inside DataLoader workers
 
     dataset = load_dataset(args.data, split=args.split)
-    n = args.samples
     blobs = [dataset.raw(i)[0] for i in range(len(dataset))]
     decode_tv(blobs[0]), decode_pil(blobs[0])
     tv_ms, pil_ms = per_image_ms(decode_tv, blobs), per_image_ms(decode_pil, blobs)
-    print(f"{dataset!r}, {args.workers} workers")
+    print(f"{dataset!r}, {args.workers} workers, global batch {args.batch}")
     print(f"decode per image: torchvision {tv_ms:.2f} ms, PIL {pil_ms:.2f} ms -> PIL/torchvision {pil_ms / tv_ms:.2f}x")
 
-    policy = AugPolicy()
+    recipe = resolve_recipe("l")
+    plan = TrainPlan.from_recipe(recipe, len(dataset), args.batch, dataset_hash=dataset.content_hash())
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(dataset, tmp, shard_size=args.shard_size, progress=False)
-        m = min(args.aug_samples, len(dataset))  # single process: the same first m samples on both paths
-        for epoch, name in ((policy.epochs[0], "phase 2 (mosaic)"), (policy.epochs[1], "phase 3")):
-            mapped = AugmentedDataset(dataset, policy, seed=0)
-            stream = ShardStream(tmp, rank=0, world_size=1, policy=policy, epoch=epoch)  # in order
-            for label, items in (("map-style", lambda: (mapped[(epoch, i)] for i in range(m))),
-                                 ("stream", lambda: islice(stream, m))):
-                with DecodeTimer() as timer:
+        shards = ShardDataset(tmp)
+        shard_bytes = sum(p.stat().st_size for p in Path(tmp).glob("shard-*.tar"))
+        n = plan.steps_per_epoch * plan.global_batch
+        for epoch, name in ((recipe.policy_epochs[0], "mosaic epoch"), (recipe.policy_epochs[1], "no-mosaic epoch")):
+            rates = {"map-style": 0.0, "shards": 0.0}
+            for _ in range(args.repeats):
+                got = {}
+                for label, source in (("map-style", dataset), ("shards", ShardDataset(tmp))):
                     start = time.perf_counter()
-                    for _ in items():
-                        pass
-                    total = time.perf_counter() - start
-                print(f"{name:>17} {label:>9}: {total / m * 1e3:6.1f} ms/sample, "
-                      f"{timer.calls / m:.2f} decodes/sample, decode share {timer.seconds / total:.0%}")
+                    got[label] = epoch_batches(source, plan, epoch, args.workers)
+                    rates[label] = max(rates[label], n / (time.perf_counter() - start))
+                assert got["map-style"] == got["shards"]
+            print(f"{name} {epoch}, full augmentation, {n} samples: map-style {rates['map-style']:.1f} samples/s, "
+                  f"shards {rates['shards']:.1f} samples/s -> {rates['shards'] / rates['map-style']:.2f}x "
+                  "(same batches)")
 
-        epoch = policy.epochs[0]
-        kw = dict(batch_size=8, num_workers=args.workers, collate_fn=keep)
-        for aug in (True, False):
-            k = m if aug else n
-            mapped = AugmentedDataset(dataset, policy, seed=0) if aug else dataset
-            if aug:
-                mapped.set_epoch(epoch)
-            sampler = torch.utils.data.RandomSampler(range(len(dataset)), replacement=True, num_samples=k,
-                                                     generator=torch.Generator().manual_seed(0))
-            loaders = {"map-style": DataLoader(mapped, sampler=sampler, **kw)}
-            for buffer in (None, 0):  # default sample shuffle buffer, and none (raw tar-reading cost)
-                stream = ShardStream(tmp, mode="train", policy=policy if aug else None, rank=0, world_size=1,
-                                     epoch=epoch, samples_per_epoch=k, shuffle_buffer=buffer)
-                loaders[f"stream (buffer {stream.shuffle_buffer})"] = DataLoader(stream, **kw)
-            runs = [{name: samples_per_second(loader, k) for name, loader in loaders.items()}
-                    for _ in range(args.repeats)]
-            best = {name: max(r[name] for r in runs) for name in loaders}
-            print(f"{'full augmentation (mosaic phase)' if aug else 'decode only'}, {k} samples:")
-            for name, rate in best.items():
-                print(f"  {name:>20}: {rate:6.1f} samples/s -> {rate / best['map-style']:.2f}x map-style")
+        for epoch, name in ((recipe.policy_epochs[0], "mosaic epoch"), (recipe.policy_epochs[1], "no-mosaic epoch")):
+            reader = ShardDataset(tmp)
+            store = fill_exact_store(f"{tmp}/exact_{epoch}", plan, epoch)
+            store = ExactStore.open(store.url)
+            epoch_batches(reader, plan, epoch, 0, join=ExactJoin(store, strict=True))
+            steps = plan.steps_per_epoch
+            mosaics = sum(plan.aug_record(epoch, i, dataset.annotation(i)).mosaic is not None
+                          for s in range(steps) for i in plan.samples(epoch, s))
+            print(f"{name} {epoch}, I/O per epoch of {steps} steps x {plan.global_batch} (one rank; W ranks "
+                  "split each step's requests):")
+            print(f"  shards: {reader.io['requests'] / steps:.1f} ranged reads per step in 2 concurrent rounds "
+                  f"(samples, then mosaic partners; {(n + 3 * mosaics) / steps:.1f} without the reuse a data set of "
+                  f"{len(dataset)} images allows: {mosaics} mosaics x 3 partners), {reader.io['bytes'] / 1e6:.1f} MB "
+                  f"per epoch = {reader.io['bytes'] / shard_bytes:.2f}x the shard set ({shard_bytes / 1e6:.1f} MB)")
+            io_ = store.reader.io
+            print(f"  exact store: {io_['requests'] / steps:.1f} requests per step (per step: 2 shard indexes + the "
+                  f"views' ranges, adjacent ones merged; per block: marker + grid + sample chunks), "
+                  f"{io_['bytes'] / 1e6:.1f} MB per epoch = {io_['bytes'] / n:,.0f} B per view")
+
+        rates = {"map-style": 0.0, "ShardStream": 0.0}
+        for _ in range(args.repeats):
+            for label, source in (("map-style", dataset), ("ShardStream", ShardStream(tmp))):
+                loader = DataLoader(source, batch_size=8, num_workers=args.workers, collate_fn=list)
+                start, count = time.perf_counter(), 0
+                for batch in loader:
+                    count += len(batch)
+                assert count == len(dataset)
+                rates[label] = max(rates[label], count / (time.perf_counter() - start))
+        print(f"decode only, one pass over {len(dataset)} samples: map-style {rates['map-style']:.1f} samples/s, "
+              f"sequential ShardStream {rates['ShardStream']:.1f} -> {rates['ShardStream'] / rates['map-style']:.2f}x")
+
 
 if __name__ == "__main__":
     main()

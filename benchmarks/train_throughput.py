@@ -68,10 +68,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             store = f"{tmp}/cache_{size}"
-            # the first shard file of the timed epoch holds exactly the timed steps
+            # the first block of the timed epoch holds exactly the timed steps
             cache_teacher.main(["--vfm", args.vfm, "--out", store, "--size", size, "--epochs", str(args.epochs),
                                 "--input-size", str(args.img_size), "--global-batch", str(args.batch_size),
-                                "--steps-per-shard", str(args.steps), "--no-ray", "--quiet", "--only-epochs",
+                                "--steps-per-block", str(args.steps), "--no-ray", "--quiet", "--only-epochs",
                                 str(args.epoch), "--max-shards", "1"])
             base = dict(size=size, epochs=args.epochs, img_size=args.img_size, batch_size=args.batch_size,
                         workers=0, vfm=args.vfm, out=f"{tmp}/run_{size}")

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
@@ -93,6 +94,14 @@ def atomic_write(path: str | Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint file through :func:`atomic_write`: a kill during the copy leaves ``dst`` as it
+    was (absent or whole), never a truncated file under its final name."""
+    with open(src, "rb") as f, atomic_write(dst) as out:
+        shutil.copyfileobj(f, out, 1 << 22)
+    return Path(dst)
 
 
 def _tensors(obj, prefix: str = ""):

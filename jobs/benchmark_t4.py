@@ -20,6 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline import cli
 from pipeline.cli import parser
 
 # torch, onnxruntime and the deploy runtime are imported inside the functions, after the flags are
@@ -319,4 +320,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run("jobs.benchmark_t4", main))

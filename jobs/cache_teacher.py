@@ -5,8 +5,8 @@
 
 Exact mode (the default): every step of the run's training plan (pipeline/data/plan.py) is
 rendered as the trainer will render it (decode, augment, collate, multi-scale resize, MixUp) and
-the teacher's output for each (epoch, sample) is stored at that step's grid, epoch by epoch, so a
-run can train behind the job. The store is keyed by the plan (dataset, recipe, seed, global
+the teacher's output for each (epoch, sample) is stored at that step's grid (a Zarr v3 store),
+epoch by epoch, so a run can train behind the job. The store is keyed by the plan (dataset, recipe, seed, global
 batch, MixUp group), so every run with that plan shares it, whatever its student or world size.
 
 Budget mode (--views K): K cached views per augmented phase, replayed across the phase's epochs;
@@ -15,7 +15,8 @@ epoch; grids resized to the multi-scale size; MixUp batches run the online teach
 
 Runs on a local Ray cluster by default, on an existing one with --address (every node must see
 --data, --weights and --out: use shared paths or an fsspec URL for --out). Re-running the same
-command resumes: complete shards are skipped. See docs/cache.md.
+command resumes: complete shards (exact mode: blocks) are read back and kept, damaged ones rebuilt,
+missing ones written. See docs/cache.md.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline import cli
 from pipeline.cli import parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "world size (None: the recipe's, 32)")
     p.add_argument("--mixup-group", type=int, help="exact mode: the runs' MixUp group (jobs.train --mixup-group, which "
                    "defaults to min(4, per-rank batch); None: min(4, global batch))")
-    p.add_argument("--steps-per-shard", type=int, default=8, help="exact mode: global steps per shard file")
+    p.add_argument("--steps-per-block", type=int, default=8, help="exact mode: global steps written and marked "
+                   "complete together (each step's views are one Zarr shard object per array)")
     p.add_argument("--only-epochs", type=int, nargs="+", metavar="E", help="exact mode: precompute only these "
                    "epochs (e.g. split the run over several jobs); None: every epoch, in order")
     p.add_argument("--size", choices=["s", "m", "l", "x"], default="l",
@@ -77,21 +80,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--render-workers", type=int, default=1, help="CPU actors decoding + augmenting (with --no-ray in exact mode: worker processes rendering ahead)")
     p.add_argument("--address", help="Ray cluster address (None: start a local cluster)")
     p.add_argument("--no-ray", action="store_true", help="run in-process without Ray")
-    p.add_argument("--max-shards", type=int, help="stop after this many shards (resume later); exact mode "
-                   "writes them in plan order, so training can already use the completed epochs")
+    p.add_argument("--max-shards", type=int, help="stop after this many shards (exact mode: blocks; resume later); "
+                   "exact mode writes them in plan order, so training can already use the completed epochs")
     p.add_argument("--verify", nargs="?", const=8, type=int, metavar="N",
                    help="re-read every stored view (checksums) and re-compute N views (budget) or steps "
                         "(exact) online; non-zero exit naming shard and view on a mismatch or cosine < 0.99")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                   help="undecodable images: stop at start with the file named (raise; every image is decoded "
-                        "once first) or list them and go on; their shards get no completion marker and the "
-                        "trainer serves those samples with the online teacher (skip)")
+                   help="bad images or labels: stop at start with the file named (raise; every image is decoded "
+                        "once first) or list them and leave them out of the store's data set (skip: the data set, "
+                        "content hash and plan of `jobs.train --on-error skip` on the same data)")
     return p.parse_args(argv)
 
 
 def fail(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr)
+    cli.fail("jobs.cache_teacher", message)
     sys.exit(code)
 
 
@@ -116,8 +119,8 @@ def check_free_space(out: str, needed: int) -> None:
     probe = next((p for p in [path, *path.parents] if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
     if free < needed:
-        fail(f"{out} needs about {needed / 1e9:.2f} GB for the remaining shards but its disk has "
-             f"{free / 1e9:.2f} GB free: free space, choose another --out, or lower --views")
+        fail(f"{out} needs about {cli.size_text(needed)} for the remaining shards but its disk has "
+             f"{cli.size_text(free)} free: free space, choose another --out, or lower --views")
 
 
 def main(argv=None) -> int:
@@ -134,13 +137,18 @@ def main(argv=None) -> int:
     from teacher_cache.teachers import resolve_arch
     from teacher_cache.views import ViewPlan
 
+    if args.verify is None:   # an unusable --out is named before any data or teacher is loaded
+        try:
+            cli.writable_folder(args.out or "cache", "--out")
+        except cli.JobError as e:
+            fail(str(e))
     try:
         resolve_arch(args.vfm)
-        dataset = load_dataset(args.data, split=args.split)
-        # decode every image once before any teacher work (a copy: the plan keeps every index)
-        checked = load_dataset(args.data, split=args.split, on_error=args.on_error, verify_images=True)
-        if checked.bad_samples:
-            print(checked.bad_samples.summary(), file=sys.stderr)
+        # every image is decoded once before any teacher work; --on-error skip leaves the bad ones out, as
+        # `jobs.train --on-error skip` does: the same data set, content hash and plan
+        dataset = load_dataset(args.data, split=args.split, on_error=args.on_error, verify_images=True)
+        if dataset.bad_samples:
+            print(dataset.bad_samples.summary(), file=sys.stderr)
     except (ValueError, DatasetError) as e:
         fail(str(e))
     recipe = resolve_recipe(args.size, args.epochs)   # the same phases as `jobs.train --epochs N`
@@ -152,7 +160,7 @@ def main(argv=None) -> int:
     epochs = tuple(args.policy_epochs or recipe.policy_epochs)
     plan = ViewPlan(seed=args.seed, k=args.views, epochs=epochs, input_size=(args.input_size,) * 2)
     policy = replace(AugPolicy.from_recipe(recipe, output_size=args.input_size), epochs=epochs)
-    renderer = Renderer(args.data, args.split, plan, policy)
+    renderer = Renderer(args.data, args.split, plan, policy, on_error=args.on_error, skip=dataset.skipped)
     # the precision is measured on real (rendered) views of this dataset
     teacher, fingerprint, device = build_measured_teacher(args, lambda: torch.stack(
         [torch.from_numpy(renderer(i, 0)) for i in range(min(4, len(dataset)))]).float() / 255)
@@ -194,7 +202,7 @@ def main(argv=None) -> int:
     report = precompute(store, spec, renderer, executor=executor,
                         batch_size=args.batch_size or (64 if device == "cuda" else 8),
                         num_workers=args.workers, render_workers=args.render_workers,
-                        max_shards=args.max_shards, progress=not args.quiet)
+                        max_shards=args.max_shards, progress=not args.quiet, recheck=True)
     print(report.summary())
     return 1 if report.shards_failed else 0
 
@@ -227,7 +235,7 @@ def exact_main(args, dataset, recipe) -> int:
 
     from pipeline.data.plan import PlanRenderer, TrainPlan
     from teacher_cache.exact import ExactStore
-    from teacher_cache.precompute import TeacherSpec, pending_units, precompute_exact, verify_exact
+    from teacher_cache.precompute import TeacherSpec, pending_blocks, precompute_exact, verify_exact
     from teacher_cache.store import StoreError
 
     if args.policy_epochs:
@@ -241,7 +249,7 @@ def exact_main(args, dataset, recipe) -> int:
     bad = [e for e in args.only_epochs or () if not 0 <= e < plan.epochs]
     if bad:
         fail(f"--only-epochs {bad} outside the plan's epochs 0..{plan.epochs - 1}")
-    renderer = PlanRenderer(args.data, args.split, plan)
+    renderer = PlanRenderer(args.data, args.split, plan, on_error=args.on_error, skip=dataset.skipped)
     teacher, fingerprint, device = build_measured_teacher(   # precision measured on the plan's first step
         args, lambda: torch.from_numpy(renderer(0, 0)[0][:4]))
     out = args.out or f"cache/{args.vfm}_{args.size}_{args.input_size}_{plan.hash()}"
@@ -254,8 +262,8 @@ def exact_main(args, dataset, recipe) -> int:
             store = ExactStore.create(out, teacher=fingerprint, plan=plan.to_dict(), plan_hash=plan.hash(),
                                       epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch,
                                       global_batch=plan.global_batch, dataset_hash=plan.dataset_hash,
-                                      keys=[dataset.key(i) for i in range(len(dataset))], dtype=args.dtype,
-                                      steps_per_shard=args.steps_per_shard,
+                                      keys=[dataset.key(i) for i in range(len(dataset))], grids=plan.grids(),
+                                      dtype=args.dtype, steps_per_block=args.steps_per_block,
                                       extra={"data": str(args.data), "split": args.split})
     except (StoreError, ValueError) as e:
         fail(str(e))
@@ -263,20 +271,21 @@ def exact_main(args, dataset, recipe) -> int:
         result = verify_exact(store, teacher, renderer, samples=args.verify)
         print(json.dumps(result, indent=1))
         for problem in result["problems"][:20]:
-            print(f"error: {problem}", file=sys.stderr)
+            cli.fail("jobs.cache_teacher", problem)
         return 1 if result["problems"] else 0
-    todo = pending_units(store, args.only_epochs)
+    todo = pending_blocks(store, args.only_epochs)[0]   # (written blocks are re-checked, and rebuilt if damaged, below)
     tokens = np.mean([(s // 32) ** 2 for s in (plan.scales or (plan.base_size,))])
-    check_free_space(out, int(len(todo) * store.steps_per_shard * plan.global_batch * tokens * store.view_bytes((1, 1))))
+    check_free_space(out, int(len(todo) * store.steps_per_block * plan.global_batch * tokens * store.view_bytes((1, 1))))
     executor = "local" if args.no_ray else _init_ray(args)
     spec = TeacherSpec(args.vfm, args.weights, teacher.precision, args.model_kwargs)
     print(f"teacher {args.vfm} ({teacher.arch}, {teacher.precision}) -> {out}: exact mode, {plan.describe()}; "
-          f"{store.shards_per_epoch} shard files per epoch, {len(todo)} to do", file=sys.stderr)
+          f"{store.blocks_per_epoch} blocks of {store.steps_per_block} steps per epoch, {len(todo)} to do; the "
+          "written ones are read back first", file=sys.stderr)
     report = precompute_exact(store, spec, renderer, executor=executor,
                               batch_size=args.batch_size or (64 if device == "cuda" else 8),
                               num_workers=args.workers, render_workers=args.render_workers,
-                              max_shards=args.max_shards, progress=not args.quiet, epochs=args.only_epochs,
-                              on_epoch=lambda e: print(f"epoch {e} complete", file=sys.stderr))
+                              max_blocks=args.max_shards, progress=not args.quiet, epochs=args.only_epochs,
+                              on_epoch=lambda e: print(f"epoch {e} complete", file=sys.stderr), recheck=True)
     print(report.summary())
     return 1 if report.shards_failed else 0
 
@@ -294,4 +303,5 @@ def _init_ray(args) -> str:
 if __name__ == "__main__":
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        sys.exit(main())
+        sys.exit(cli.run("jobs.cache_teacher", main, on_interrupt="re-run the same command to continue: complete "
+                         "shards are kept"))

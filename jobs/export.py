@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from pipeline import cli
 from pipeline.cli import parser
 
 
@@ -36,6 +38,7 @@ def main(argv=None) -> dict:
     from pipeline.deploy.graph import (PARITY_TOL, build_deploy_graph, checkpoint_size, export_onnx_checked,
                                        maybe_build_engine)
 
+    cli.writable_folder(args.out)   # before the model is built: an unusable --out is named at once
     if args.size is None:
         if args.checkpoint is None:
             p.error("give --size (random weights) or --checkpoint")
@@ -61,4 +64,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run("jobs.export", main))

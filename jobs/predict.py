@@ -5,14 +5,19 @@
     python -m jobs.predict --engine export/engines/rtdetrv4_l-fp16-....engine --input clip.mp4
 
 Preprocessing is the official one (plain resize to 640, [0,1]); boxes come back in the original
-image's pixels. Writes one annotated image per input (or an annotated video, which needs
-OpenCV) and detections.json with the boxes, labels and scores above --score-thr.
+image's pixels. Writes one annotated image per input, at its path under --input (photos/a/x.jpg ->
+OUT/a/x.jpg; formats other than JPEG and PNG are drawn as JPEG: x.webp -> x.webp.jpg), or an
+annotated video (needs OpenCV), and detections.json with the boxes, labels and scores above
+--score-thr. An image that cannot be decoded is skipped and listed (on stderr and in
+detections.json, with the reason; exit code 1); what was done is written even after Ctrl-C.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from pipeline import cli
 from pipeline.cli import parser
 
 # torch, torchvision and the deploy runtime are imported inside the functions, after the flags
@@ -23,21 +28,21 @@ def load_backend(args):
     from pipeline.deploy.backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend
 
     if sum(x is not None for x in (args.checkpoint, args.onnx, args.engine)) > 1:
-        raise SystemExit("give one of --checkpoint, --onnx, --engine")
+        raise cli.JobError("give one of --checkpoint, --onnx, --engine")
     if args.engine:
         from pipeline.deploy.trt_engine import tensorrt_status
         ok, why = tensorrt_status()
         if not ok:
-            raise SystemExit(f"cannot run the engine {args.engine}: {why}. Use --onnx or --checkpoint instead.")
+            raise cli.JobError(f"--engine {args.engine}: cannot run it ({why}). Use --onnx or --checkpoint instead")
         return TensorRTBackend(args.engine, "engine")
     if args.onnx:
         if not Path(args.onnx).is_file():
-            raise SystemExit(f"ONNX file {args.onnx} not found (python -m jobs.export writes one)")
+            raise cli.JobError(f"--onnx {args.onnx}: no such file (python -m jobs.export writes one)")
         return OnnxRuntimeBackend(args.onnx, threads=args.threads,
                                   device="cuda" if args.device.startswith("cuda") else "cpu")
     from pipeline.deploy.graph import build_deploy_graph, checkpoint_size
     if not args.size and not args.checkpoint:
-        raise SystemExit("give --checkpoint, --onnx or --engine (or --size for random weights)")
+        raise cli.JobError("give --checkpoint, --onnx or --engine (or --size for random weights)")
     size = args.size or checkpoint_size(args.checkpoint)
     built = build_deploy_graph(size, args.checkpoint, args.num_classes)
     return TorchBackend(built.graph, args.device, args.precision)
@@ -49,14 +54,14 @@ def load_names(path: str | None) -> list[str] | None:
         return None
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"--names {p} not found")
+        raise cli.JobError(f"--names {p}: no such file")
     if p.suffix in (".yaml", ".yml"):
         import yaml
         names = yaml.safe_load(p.read_text()).get("names")
         if isinstance(names, dict):
             names = [names[k] for k in sorted(names)]
         if not isinstance(names, list):
-            raise SystemExit(f"{p} has no 'names' list")
+            raise cli.JobError(f"--names {p}: no 'names' list")
         return [str(n) for n in names]
     if p.suffix == ".json":
         return [str(n) for n in json.loads(p.read_text())]
@@ -78,27 +83,55 @@ def _record(name, labels, boxes, scores, thr, names):
         for l, b, s in zip(labels[keep], boxes[keep], scores[keep])]}
 
 
-def predict_images(backend, files, out: Path, args, names) -> list[dict]:
+def output_names(files: list[Path], source: Path) -> list[Path]:
+    """Where each image is drawn, relative to --out: its path under --input, so same-named files in
+    two folders stay apart; JPEG and PNG keep their name, other formats get ``.jpg`` added (x.webp ->
+    x.webp.jpg, apart from x.jpg). Two inputs that would still meet are refused, naming both."""
+    root = source if source.is_dir() else source.parent
+    names, seen = [], {}
+    for f in files:
+        rel = f.relative_to(root)
+        name = rel if rel.suffix.lower() in (".jpg", ".jpeg", ".png") else rel.with_name(rel.name + ".jpg")
+        if name in seen:
+            raise ValueError(f"--input {source}: {seen[name]} and {f} would both be drawn to {name}; rename one")
+        seen[name] = f
+        names.append(name)
+    return names
+
+
+def predict_images(backend, files, out: Path, args, names, records: list) -> list[dict]:
+    """Draw every image into ``out`` and append its record to ``records`` (a record with ``error``
+    for an image that cannot be decoded: skipped, the others go on)."""
     from torchvision.io import write_jpeg, write_png
     from tqdm import tqdm
 
+    from pipeline.data.dataset import DatasetError
     from pipeline.deploy.draw import draw_detections
     from pipeline.deploy.inputs import read_image
 
-    records = []
+    targets = output_names(files, Path(args.input))
     for i in tqdm(range(0, len(files), args.batch), desc="predict", unit="batch"):
-        chunk = files[i:i + args.batch]
-        frames = [read_image(f) for f in chunk]
+        chunk, frames = [], []
+        for f, target in zip(files[i:i + args.batch], targets[i:i + args.batch]):
+            try:
+                frames.append(read_image(f))
+                chunk.append((f, target))
+            except DatasetError as e:   # names the file and why: listed, the run goes on
+                why = str(e).split(". Fix:")[0]
+                tqdm.write(f"jobs.predict: skipped {why}", file=sys.stderr)
+                records.append({"image": str(f), "error": why, "detections": []})
+        if not frames:
+            continue
         labels, boxes, scores = detect(backend, frames, args.image_size)
-        for f, frame, l, b, s in zip(chunk, frames, labels, boxes, scores):
+        for (f, target), frame, l, b, s in zip(chunk, frames, labels, boxes, scores):
             drawn, _ = draw_detections(frame, l, b, s, args.score_thr, names)
-            target = out / (f.stem + (".png" if f.suffix.lower() == ".png" else ".jpg"))
-            (write_png if target.suffix == ".png" else write_jpeg)(drawn, str(target))
-            records.append(_record(str(f), l, b, s, args.score_thr, names))
+            (out / target).parent.mkdir(parents=True, exist_ok=True)
+            (write_png if target.suffix.lower() == ".png" else write_jpeg)(drawn, str(out / target))
+            records.append({**_record(str(f), l, b, s, args.score_thr, names), "drawn": str(out / target)})
     return records
 
 
-def predict_video(backend, path: Path, out: Path, args, names) -> list[dict]:
+def predict_video(backend, path: Path, out: Path, args, names, records: list) -> list[dict]:
     from tqdm import tqdm
 
     from pipeline.deploy.draw import draw_detections
@@ -106,7 +139,7 @@ def predict_video(backend, path: Path, out: Path, args, names) -> list[dict]:
 
     frames, fps = video_frames(path)  # says how to install OpenCV when it is missing
     import cv2
-    writer, records = None, []
+    writer = None
     for n, frame in enumerate(tqdm(frames, desc="predict", unit="frame")):
         labels, boxes, scores = detect(backend, [frame], args.image_size)
         drawn, _ = draw_detections(frame, labels[0], boxes[0], scores[0], args.score_thr, names)
@@ -144,21 +177,40 @@ def main(argv=None) -> list[dict]:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    # bad input fails before a model is loaded: names, images, output names, the --out folder
     names = load_names(args.names)
     src = Path(args.input)
     is_video = src.suffix.lower() in VIDEO_EXTS
-    files = None if is_video else list_images(src, args.limit)  # fail on bad input before loading a model
+    files = None if is_video else list_images(src, args.limit)
+    if files is not None:
+        output_names(files, src)
+    out = cli.writable_folder(args.out)
     backend = load_backend(args)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = predict_video(backend, src, out, args, names) if is_video else predict_images(backend, files, out, args, names)
-    (out / "detections.json").write_text(json.dumps({"backend": backend.label, "score_thr": args.score_thr,
-                                                     "results": records}, indent=1) + "\n")
+    records: list[dict] = []
+    try:
+        if is_video:
+            predict_video(backend, src, out, args, names, records)
+        else:
+            predict_images(backend, files, out, args, names, records)
+    finally:   # what was done is written, also when a later image or Ctrl-C stops the run
+        (out / "detections.json").write_text(json.dumps({"backend": backend.label, "score_thr": args.score_thr,
+                                                         "results": records}, indent=1) + "\n")
     n = sum(len(r["detections"]) for r in records)
-    print(f"{backend.label}: {n} detections >= {args.score_thr} in {len(records)} "
+    bad = [r for r in records if "error" in r]
+    print(f"{backend.label}: {n} detections >= {args.score_thr} in {len(records) - len(bad)} "
           f"{'frames' if is_video else 'images'}; drawn into {out}/")
+    if bad:
+        listed = ", ".join(r["image"] for r in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        cli.fail("jobs.predict", f"{len(bad)} of {len(records)} images skipped (cannot be decoded; listed in "
+                                 f"{out / 'detections.json'} with the reason): {listed}")
     return records
 
 
+def exit_code(records: list[dict]) -> int:
+    """1 when an image was skipped (the others are drawn), else 0."""
+    return 1 if any("error" in r for r in records) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run("jobs.predict", lambda argv: exit_code(main(argv))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from pipeline import cli
 from pipeline.cli import parser
 from pipeline.train.config import TrainConfig, add_config_flags, config_from_args
 
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     try:   # a flag combination the recipe refuses answers before any data or model is read
         resolve_preset(cfg)
     except ValueError as e:
-        print(f"jobs.train: error: {e}", file=sys.stderr)
+        cli.fail("jobs.train", str(e))
         return 2
     try:   # one run, or the two stages of --recipe rt-co-detr
         result = run_training(cfg)
@@ -37,5 +38,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # a user's mistake (data, store, checkpoint, flags) ends in one line, as in every job
+    sys.exit(cli.run("jobs.train", main, on_interrupt="continue the run with --resume RUN_DIR (its last.pth: the last "
+                     "epoch end, or the last --checkpoint-every step)"))

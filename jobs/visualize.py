@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from pipeline import cli
 from pipeline.cli import parser
 
 
@@ -43,7 +44,7 @@ def main(argv=None) -> list:
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or not state.get("dsi"):
-        raise SystemExit(f"--checkpoint {args.checkpoint} holds no DSI projector: give a training checkpoint of a "
+        raise cli.JobError(f"--checkpoint {args.checkpoint} holds no DSI projector: give a training checkpoint of a "
                          "--distill dsi run (last.pth or epoch<N>.pth; best.pth keeps inference weights only)")
     run = state.get("config", {})
     vfm, weights = args.vfm or run.get("vfm", "dinov3_vitb"), args.weights or run.get("weights")
@@ -73,4 +74,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run("jobs.visualize", main))

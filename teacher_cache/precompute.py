@@ -53,6 +53,8 @@ class Report:
     bytes_written: int = 0
     failures: dict = field(default_factory=dict)  # shard -> first error
     nodes: dict = field(default_factory=dict)  # shard -> {"render": [node, ...], "teacher": [node, ...]}
+    rebuilt: dict = field(default_factory=dict)  # written shard/block that failed its re-check -> why
+    unit: str = "shards"                           # what is written whole: shards (budget), blocks (exact)
 
     def views_per_node(self) -> dict:
         """node -> {"render": views rendered there, "teacher": views the teacher ran there}."""
@@ -72,16 +74,17 @@ class Report:
         return self.bytes_written / self.views if self.views else 0.0
 
     def summary(self) -> str:
-        lines = [f"shards: {self.shards_written} written, {self.shards_skipped} skipped (already "
+        lines = [f"{self.unit}: {self.shards_written} written, {self.shards_skipped} skipped (already "
                  f"complete), {self.shards_failed} failed, of {self.shards_total}",
                  f"views: {self.views} in {self.seconds:.1f} s = {self.views_per_s:.2f} views/s; "
                  f"{self.bytes_per_view:,.0f} bytes per view on disk"]
         lines += [f"node {node}: rendered {n['render']} views, ran the teacher on {n['teacher']}"
                   for node, n in sorted(self.views_per_node().items())]
-        lines += [f"FAILED shard {s}: {e}" for s, e in sorted(self.failures.items())]
+        lines += [f"rebuilt {s}: it failed its re-check ({e})" for s, e in sorted(self.rebuilt.items())]
+        lines += [f"FAILED {s}: {e}" for s, e in sorted(self.failures.items())]
         if self.failures:
-            lines.append("failed shards have no completion marker; fix the cause and re-run the same "
-                         "command: completed shards are kept and only the missing ones are computed")
+            lines.append(f"failed {self.unit} have no completion marker; fix the cause and re-run the same "
+                         f"command: completed {self.unit} are kept and only the missing ones are computed")
         return "\n".join(lines)
 
 
@@ -188,7 +191,7 @@ class _ShardBuffers:
         self.report.nodes[shard] = {"render": buf["render"], "teacher": buf["teacher"]}
         if buf["errors"]:
             self.report.shards_failed += 1
-            self.report.failures[shard] = f"{buf['errors'][0]} ({len(buf['errors'])} views failed)"
+            self.report.failures[f"shard {shard}"] = f"{buf['errors'][0]} ({len(buf['errors'])} views failed)"
             return
         self.futures.append((shard, self.pool.submit(self.store.write_shard, shard, buf["tokens"], buf["scale"])))
         while len([f for _, f in self.futures if not f.done()]) > 2:  # bound the memory held
@@ -202,21 +205,26 @@ class _ShardBuffers:
                 self.report.bytes_written += marker["bytes"]
             except Exception as e:  # noqa: BLE001 - a full disk etc.: shard stays unmarked
                 self.report.shards_failed += 1
-                self.report.failures[shard] = f"write failed: {type(e).__name__}: {e}"
+                self.report.failures[f"shard {shard}"] = f"write failed: {type(e).__name__}: {e}"
 
 
-def pending_shards(store: Store, max_shards: int | None = None) -> list[int]:
-    todo = [s for s in range(store.num_shards) if not store.is_complete(s)]
+def pending_shards(store: Store, max_shards: int | None = None, recheck: bool = False) -> list[int]:
+    """Shards still to write; with ``recheck`` also the written ones that fail a read-back (their
+    indexes and every view's CRC-32C), which are then written again from scratch."""
+    todo = [s for s in range(store.num_shards)
+            if not store.is_complete(s) or (recheck and (store.shard_index_problems(s) or _damaged_views(store, s)))]
     return todo[:max_shards] if max_shards is not None else todo
 
 
 def precompute(store: Store, spec: TeacherSpec, render, *, executor: str = "ray", batch_size: int = 8,
                num_workers: int | None = None, render_workers: int = 1, max_shards: int | None = None,
-               progress: bool = True) -> Report:
-    """Compute and store every planned view of the shards not yet complete."""
-    report = Report(shards_total=store.num_shards,
-                    shards_skipped=store.num_shards - len(pending_shards(store)))
-    todo = pending_shards(store, max_shards)
+               progress: bool = True, recheck: bool = False) -> Report:
+    """Compute and store every planned view of the shards not yet complete (with ``recheck``: and
+    of the written shards that fail a read-back)."""
+    everything = pending_shards(store, recheck=recheck)
+    report = Report(shards_total=store.num_shards, shards_skipped=store.num_shards - len(everything))
+    report.rebuilt = {f"shard {s}": "index or view checksum" for s in everything if store.is_complete(s)}
+    todo = everything[:max_shards] if max_shards is not None else everything
     rows = [(s, i) for s in todo for i in range(*store.shard_range(s))]
     total = len(rows) * store.num_views
     bar = tqdm(total=total, unit="view", desc="teacher cache", disable=not progress)
@@ -374,52 +382,75 @@ class TeacherSteps:
         return out
 
 
-def pending_units(store, epochs=None, max_shards: int | None = None) -> list[tuple[int, int]]:
-    """The (epoch, shard) files still to write, in plan order (so epochs complete one by one)."""
-    todo = []
+def pending_blocks(store, epochs=None, recheck: bool = False) -> tuple[list[tuple[int, int]], dict]:
+    """The (epoch, block) units still to write, in plan order (so epochs complete one by one). With
+    ``recheck`` every written block is read back first (indexes and every view's CRC-32C) and a
+    damaged one is written again: returns ``(todo, {(epoch, block): its first problem})``."""
+    todo, damaged = [], {}
     for e in (range(store.epochs) if epochs is None else epochs):
-        done = store.completed_shards(e)
-        todo += [(e, s) for s in range(store.shards_per_epoch) if s not in done]
-    return todo[:max_shards] if max_shards is not None else todo
+        done = store.completed_blocks(e)
+        for b in range(store.blocks_per_epoch):
+            if b in done and recheck:
+                problems = store.verify_block(e, b)[0]
+                if problems:
+                    damaged[(e, b)] = problems[0]
+            if b not in done or (e, b) in damaged:
+                todo.append((e, b))
+    return todo, damaged
 
 
 def precompute_exact(store, spec: TeacherSpec, render_step, *, epochs=None, executor: str = "ray",
                      batch_size: int = 8, num_workers: int | None = None, render_workers: int = 1,
-                     max_shards: int | None = None, progress: bool = True, on_epoch=None) -> Report:
+                     max_blocks: int | None = None, progress: bool = True, on_epoch=None,
+                     recheck: bool = False) -> Report:
     """Fill an :class:`teacher_cache.exact.ExactStore` with every step of its plan, epoch by epoch;
-    complete shard files are skipped, so a re-run fills the holes. ``on_epoch(e)`` is called when
-    epoch ``e`` is complete (training may already be reading it)."""
-    units = pending_units(store, epochs, max_shards)
-    everything = pending_units(store, epochs)
-    report = Report(shards_total=sum(store.shards_per_epoch for _ in (range(store.epochs) if epochs is None else epochs)))
+    written blocks are skipped (with ``recheck``: unless they fail a read-back, then they are
+    rebuilt), so a re-run fills the holes. A writer thread writes the finished blocks in order while
+    the next steps are computed. ``on_epoch(e)`` is called when epoch ``e`` is complete (training may
+    already be reading it)."""
+    everything, damaged = pending_blocks(store, epochs, recheck)
+    units = everything[:max_blocks] if max_blocks is not None else everything
+    report = Report(shards_total=store.blocks_per_epoch * len(range(store.epochs) if epochs is None else epochs),
+                    unit="blocks")
     report.shards_skipped = report.shards_total - len(everything)
-    steps = [(e, st) for e, s in units for st in store.shard_steps(s)]
+    report.rebuilt = {store.block_name(*u): why for u, why in damaged.items()}
+    steps = [(e, st) for e, b in units for st in store.block_steps(b)]
     bar = tqdm(total=len(steps) * store.global_batch, unit="view", desc="teacher cache (exact)", disable=not progress)
-    left = {u: len(store.shard_steps(u[1])) for u in units}
+    left = {u: len(store.block_steps(u[1])) for u in units}
     views: dict[tuple[int, int], list] = {u: [] for u in units}
     gen = (_ray_steps if executor == "ray" else _local_steps)(store, spec, render_step, steps, batch_size,
                                                               num_workers, render_workers)
+    writes: list = []   # (block, future), in plan order
+
+    def finish(keep: int) -> None:
+        while len(writes) > keep:   # at most ``keep`` blocks wait for the writer (bounds the memory held)
+            (e, b), fut = writes.pop(0)
+            try:
+                report.bytes_written += fut.result()
+                report.shards_written += 1
+            except Exception as ex:  # noqa: BLE001 - a full disk etc.: the block stays unmarked
+                report.shards_failed += 1
+                report.failures[store.block_name(e, b)] = f"write failed: {type(ex).__name__}: {ex}"
+            if on_epoch is not None and b == store.blocks_per_epoch - 1 and store.epoch_complete(e):
+                on_epoch(e)
+
     t0 = time.perf_counter()
-    for out in gen:
-        for r in range(len(out["step"])):
-            e, st = int(out["epoch"][r]), int(out["step"][r])
-            unit = (e, st // store.steps_per_shard)
-            h, w = (int(v) for v in out["grid"][r])
-            scale = out["scale"][r] if out["scale"][r].size else None
-            views[unit] += [(st, slot, int(i), out["tokens"][r][slot], None if scale is None else scale[slot], (h, w))
-                            for slot, i in enumerate(out["indices"][r])]
-            report.views += len(out["indices"][r])
-            bar.update(len(out["indices"][r]))
-            left[unit] -= 1
-            if left[unit] == 0:
-                try:
-                    report.bytes_written += store.write_shard(*unit, views.pop(unit))
-                    report.shards_written += 1
-                except Exception as ex:  # noqa: BLE001 - a full disk etc.: the file is simply absent
-                    report.shards_failed += 1
-                    report.failures[store.shard_name(*unit)] = f"write failed: {type(ex).__name__}: {ex}"
-                if on_epoch is not None and unit[1] == store.shards_per_epoch - 1 and store.epoch_complete(e):
-                    on_epoch(e)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for out in gen:
+            for r in range(len(out["step"])):
+                e, st = int(out["epoch"][r]), int(out["step"][r])
+                unit = (e, st // store.steps_per_block)
+                h, w = (int(v) for v in out["grid"][r])
+                scale = out["scale"][r] if out["scale"][r].size else None
+                views[unit] += [(st, slot, int(i), out["tokens"][r][slot], None if scale is None else scale[slot],
+                                 (h, w)) for slot, i in enumerate(out["indices"][r])]
+                report.views += len(out["indices"][r])
+                bar.update(len(out["indices"][r]))
+                left[unit] -= 1
+                if left[unit] == 0:
+                    writes.append((unit, writer.submit(store.write_block, *unit, views.pop(unit))))
+                    finish(keep=2)
+        finish(keep=0)
     report.seconds = time.perf_counter() - t0
     bar.close()
     return report
@@ -469,35 +500,38 @@ def _ray_steps(store, spec, render_step, steps, batch_size, num_workers, render_
 
 def verify_exact(store, teacher=None, render_step=None, samples: int = 4, seed: int = 0,
                  min_cosine: float = 0.99) -> dict:
-    """Re-read every view of every shard file (checksums), and re-compute ``samples`` random
-    stored steps online: a problem names the shard and view."""
-    problems, read = [], 0
-    written = [(e, s) for e in range(store.epochs) for s in sorted(store.completed_shards(e))]
-    for e, s in written:
-        p, n = store.verify_shard(e, s)
-        problems += p
-        read += n
-    missing = store.epochs * store.shards_per_epoch - len(written)
-    result = {"plan": store.plan_hash, "epochs": store.epochs, "shards_written": len(written),
-              "shards_missing": missing, "views_read": read, "problems": problems}
+    """Re-read every view of every block (indexes and checksums; a block not written is a problem),
+    and re-compute ``samples`` random stored steps online: a problem names the block and view."""
+    problems, read, written = [], 0, []
+    for e in range(store.epochs):
+        done = store.completed_blocks(e)
+        for b in range(store.blocks_per_epoch):
+            p, n = store.verify_block(e, b)
+            problems += p
+            read += n
+            written += [(e, b)] if b in done else []
+    total = store.epochs * store.blocks_per_epoch
+    result = {"plan": store.plan_hash, "epochs": store.epochs, "blocks_written": len(written),
+              "blocks_missing": total - len(written), "views_read": read, "problems": problems}
     if teacher is not None and render_step is not None and written:
         from .quantize import decode
         rng = np.random.default_rng(seed)
         cos = []
         for _ in range(samples):
-            e, s = written[int(rng.integers(len(written)))]
-            st = int(rng.choice(list(store.shard_steps(s))))
+            e, b = written[int(rng.integers(len(written)))]
+            st = int(rng.choice(list(store.block_steps(b))))
             images, indices = render_step(e, st)
             online = teacher(torch.as_tensor(np.asarray(images, np.float32)))
-            for slot, i in enumerate(indices):
-                try:
-                    tokens, scale, grid = store.read(e, st, slot, int(i))
-                except Exception:  # noqa: BLE001 - already reported by the checksum pass
+            stored = store.read_many([(e, st, k, int(i)) for k, i in enumerate(indices)])
+            for slot, got in enumerate(stored):
+                if isinstance(got, ViewError):   # damaged (reported above), or another plan's sample
+                    problems += [str(got)] if str(got) not in problems else []
                     continue
+                tokens, scale, grid = got
                 c = F.cosine_similarity(decode(tokens, scale, grid), online[slot], dim=0).mean().item()
                 cos.append(c)
                 if c < min_cosine:
-                    problems.append(f"shard {store.shard_name(e, s)} view (epoch {e}, step {st}, slot {slot}): "
+                    problems.append(f"{store.block_name(e, b)} view (epoch {e}, step {st}, slot {slot}): "
                                     f"cosine {c:.4f} to the online teacher < {min_cosine}")
         if cos:
             result["online_cosine_mean"], result["online_cosine_min"] = float(np.mean(cos)), float(np.min(cos))

@@ -15,20 +15,28 @@ import hashlib
 import io
 import json
 import logging
-import os
+import struct
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# what torchvision.io.decode_image reads (JPEG, PNG, GIF, WebP, AVIF/HEIC); anything else (BMP, TIFF) goes to PIL
+TORCHVISION_MAGIC = (b"\xff\xd8\xff", PNG_SIGNATURE, b"GIF8")
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}   # colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
 class DatasetError(ValueError):
@@ -76,9 +84,12 @@ def finish_loading(report: BadSampleReport, on_error: str, source, fix: str) -> 
     """Raise on problems (default) or log the skip-and-count summary (``on_error="skip"``)."""
     if not report:
         return
+    skip = "or pass --on-error skip (Python: on_error='skip') to skip these samples and count them."
+    if on_error == "raise" and len(report) == 1:   # one problem: one line
+        path, line, reason = report.problems[0]
+        raise DatasetError(f"{path}{f':{line}' if line else ''}: {reason} (in {source}). Fix: {fix}, {skip}")
     if on_error == "raise":
-        raise DatasetError(f"{source}: {report.summary()}\nFix: {fix}, or pass --on-error skip (Python: "
-                           "on_error='skip') to skip these samples and count them.")
+        raise DatasetError(f"{source}: {report.summary()}\nFix: {fix}, {skip}")
     log.warning("%s: skipped bad samples; %s", source, report.summary())
     print(f"[pipeline.data.dataset] {source}: skipped {len(report)} bad sample(s):\n{report.summary()}")
 
@@ -94,6 +105,9 @@ def read_json(path: Path) -> dict:
         text = Path(path).read_text()
     except OSError as e:
         raise DatasetError(f"{path}: cannot read ({e.strerror}). Fix: check the path.") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not a text (JSON) file (byte {e.start} is not UTF-8). Fix: pass the COCO "
+                           "annotation json, a YOLO directory (with data.yaml) or a COCO directory.") from e
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -108,19 +122,92 @@ def clamp_and_filter(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
+def png_problem(data: bytes) -> str | None:
+    """Why a PNG holds less pixel data than its header promises (None when it holds all of it).
+
+    On such a file (a truncated download whose zlib stream still ends cleanly) torchvision's libpng
+    decoder crashes the process with a segmentation fault and PIL fills the missing rows with black
+    without a word, so the IDAT stream is inflated once (bytes counted, not kept) and measured
+    against the rows and filter bytes that the IHDR width, height, bit depth, colour type and
+    interlacing call for (PNG spec, sections 7 and 8).
+    """
+    pos, header, stream = len(PNG_SIGNATURE), None, []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IHDR":
+            header = data[pos + 8:pos + 8 + length]
+        elif kind == b"IDAT":
+            stream.append(data[pos + 8:pos + 8 + length])
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or len(header) < 13:
+        return "no PNG header (IHDR chunk)"
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", header[:13])
+    if color not in _PNG_CHANNELS:
+        return f"unknown PNG colour type {color}"
+    bits = depth * _PNG_CHANNELS[color]
+    want = 0
+    for x0, y0, dx, dy in (_ADAM7 if interlace else ((0, 0, 1, 1),)):
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            want += h * (1 + (w * bits + 7) // 8)   # one filter byte per row
+    inflate, got, rest = zlib.decompressobj(), 0, b"".join(stream)
+    try:
+        while rest and got < want:
+            got += len(inflate.decompress(rest, 1 << 22))
+            rest = inflate.unconsumed_tail
+    except zlib.error as e:
+        return f"its pixel data is damaged ({e})"
+    if got < want:
+        return (f"holds {got:,} of the {want:,} bytes of pixel data its {width}x{height} header promises "
+                "(a truncated download or a damaged file)")
+    return None
+
+
+def decode_rgb(data: bytes, source: str = "<bytes>") -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, H, W] RGB: the one image decoder of every job.
+
+    JPEG, PNG, GIF and WebP go through torchvision (libjpeg-turbo, libpng; PNGs are first checked by
+    :func:`png_problem`, since a short one crashes libpng), other formats (BMP, TIFF) through PIL.
+    16-bit images are scaled to 8 bits here, once (``to_dtype(..., scale=True)``: the high byte), so
+    every job sees [0, 255]. A file that cannot be decoded raises :class:`DatasetError` naming ``source``.
+    """
+    fix = ("Fix: replace or re-encode the file, or leave it out with --on-error skip (Python: "
+           "load_dataset(..., on_error='skip', verify_images=True)).")
+    if data.startswith(PNG_SIGNATURE):
+        problem = png_problem(data)
+        if problem:
+            raise DatasetError(f"{source}: cannot decode image: the PNG {problem}. {fix}")
+    try:
+        if data.startswith(TORCHVISION_MAGIC) or data[8:12] in (b"WEBP", b"avif", b"heic"):
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec (not installed)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        else:
+            image = _decode_pil(data)
+    except Exception as e:  # torchvision raises RuntimeError/ValueError with libjpeg's message, PIL OSError
+        raise DatasetError(f"{source}: cannot decode image ({type(e).__name__}: {str(e).strip()[:200]}). "
+                           f"{fix}") from e
+    return to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image
+
+
+def _decode_pil(data: bytes) -> torch.Tensor:
+    """BMP, TIFF, ... through PIL: uint8 [3, H, W], or uint16 for 16-bit images (scaled by the caller)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode.startswith("I;16") or im.mode == "I":   # 16-bit grey (PIL reads 16-bit TIFF/PNG as these)
+            grey = torch.from_numpy(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
+            return grey.expand(3, *grey.shape).contiguous()
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
 def decode(data: bytes, annotation: dict, source: str = "<bytes>"):
     """Decode encoded image bytes + a :meth:`DetectionDataset.annotation` dict into ``(image, target)``.
 
     ``decode(*dataset.raw(i))`` equals ``dataset[i]``; streamed shards use it to yield the same samples.
     """
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec (not installed)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except Exception as e:  # torchvision raises RuntimeError/ValueError with libjpeg's message
-        raise DatasetError(f"{source}: cannot decode image ({e}). Fix: replace or re-encode the file, or drop "
-                           "it with --on-error skip (Python: load_dataset(..., verify_images=True, "
-                           "on_error='skip')).") from e
+    image = decode_rgb(data, source)
     h, w = image.shape[-2:]
     if (w, h) != (annotation["width"], annotation["height"]):
         raise DatasetError(f"{source}: image is {w}x{h} but its annotation says {annotation['width']}x"
@@ -162,6 +249,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.stats = dict(stats or {})
         self.stats.update(images=len(samples), boxes=int(sum(len(s.labels) for s in samples)))
         self.bad_samples = bad_samples or BadSampleReport()
+        self.skipped: list[str] = []   # keys of the samples verify_images / without dropped
         self._coco_json = coco_json
         self._coco = None
 
@@ -211,19 +299,29 @@ class DetectionDataset(torch.utils.data.Dataset):
         return h.hexdigest()
 
     def verify_images(self, on_error: str = "raise") -> "DetectionDataset":
-        """Decode every image once; raise on the first bad ones, or drop and count them (``on_error="skip"``)."""
+        """Decode every image once; raise on the first bad ones, or drop and count them (``on_error="skip"``).
+
+        The keys dropped are kept in ``skipped``: ``without(skipped)`` repeats the drop elsewhere (the
+        cache job's workers) without decoding again."""
         check_on_error(on_error)
-        report, keep = BadSampleReport(), []
+        report, bad = BadSampleReport(), []
         for i, s in enumerate(self.samples):
             try:
                 self[i]
-                keep.append(s)
             except DatasetError as e:
                 report.add(s.path, 0, str(e).split(": ", 1)[-1].split(". Fix:")[0])
+                bad.append(s.key)
         finish_loading(report, on_error, self.source, "replace or re-encode the listed images")
-        self.samples = keep
         self.bad_samples.problems.extend(report.problems)
-        self.stats.update(images=len(keep), boxes=int(sum(len(s.labels) for s in keep)))
+        return self.without(bad)
+
+    def without(self, keys) -> "DetectionDataset":
+        """Drop the samples whose key is in ``keys`` (in place; returns self); they are added to ``skipped``."""
+        keys = set(keys)
+        if keys:
+            self.samples = [s for s in self.samples if s.key not in keys]
+            self.skipped = sorted({*self.skipped, *keys})
+            self.stats.update(images=len(self.samples), boxes=int(sum(len(s.labels) for s in self.samples)))
         return self
 
     def to_coco(self, out_json=None) -> dict:

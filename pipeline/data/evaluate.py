@@ -5,6 +5,14 @@ dicts (xywh pixels, contiguous label mapped back to the dataset's category id), 
 batches, gathered to every rank under DDP, and scored with COCOeval restricted to the images that
 were actually evaluated (``params.imgIds`` = the ids seen by ``update``, as in the official code).
 
+Protocol: the official post-processor's detections (top-300 (query, class) pairs, no NMS) with
+boxes **not clipped** to the image, as the official ``PostProcessor`` leaves them;
+:func:`protocol_postprocessor` builds it for every evaluation (``jobs.evaluate``, the trainer's
+per-epoch one). Clipping (``clip_boxes=True``, what the deploy graph and ``jobs.predict`` output)
+only raises the IoU of a box that overhangs the image with a ground truth inside it, so it can only
+raise AP; ``jobs.evaluate --clip-boxes`` scores that variant (the difference on TACO:
+docs/measured.md).
+
 Backend: ``faster-coco-eval`` (C++ COCOeval) by default. ``benchmarks/coco_eval.py`` checks it
 gives the same 12 numbers as ``pycocotools`` on generated data and measures the speed ratio;
 ``backend="pycocotools"`` selects the reference implementation.
@@ -21,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torchvision.ops import box_convert
 
+from detector.postprocessor import PostProcessor
 from pipeline.data.dataset import read_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -39,6 +48,12 @@ def _coco_api(backend: str):
 
         return COCO, COCOeval
     raise ValueError(f"unknown COCO evaluation backend {backend!r}; choose one of {BACKENDS}")
+
+
+def protocol_postprocessor(num_classes: int, clip_boxes: bool = False, num_top_queries: int = 300) -> PostProcessor:
+    """The post-processor of the evaluation protocol: the official one (top-300, no NMS, boxes not
+    clipped); ``clip_boxes=True`` scores the boxes as deployment outputs them (clipped to the image)."""
+    return PostProcessor(num_classes=num_classes, num_top_queries=num_top_queries, clip_boxes=clip_boxes)
 
 
 def load_ground_truth(gt) -> dict:

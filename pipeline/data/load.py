@@ -23,7 +23,9 @@ def load_dataset(path_or_spec=None, split: str = "train", on_error: str = "raise
     ``path_or_spec``: ``None`` or ``"synthetic"`` (the generated default dataset); a YOLO directory
     (with ``data.yaml``) or the ``data.yaml`` itself; a COCO json (``image_root`` defaults to a guess
     next to it); or a COCO directory (``annotations/instances_<split>*.json`` + ``<split>*/``).
-    ``on_error="skip"`` drops bad samples and logs a :class:`BadSampleReport` instead of raising.
+    ``on_error="skip"`` drops bad samples and logs a :class:`BadSampleReport` instead of raising;
+    ``verify_images=True`` decodes every image once first (what ``--on-error skip`` does in every job,
+    so they all drop the same images and agree on the data set's content hash).
     """
     check_on_error(on_error)
     if path_or_spec is None or str(path_or_spec) == "synthetic":
@@ -35,6 +37,11 @@ def load_dataset(path_or_spec=None, split: str = "train", on_error: str = "raise
                                "a COCO json, a COCO directory, or 'synthetic'.")
         if path.suffix in (".yaml", ".yml") or (path / "data.yaml").is_file():
             ds = load_yolo(path, split, on_error=on_error)
+        elif path.is_file() and path.suffix.lower() != ".json":
+            raise DatasetError(f"{path}: not a data set (a {path.suffix or 'plain'} file). Fix: pass a YOLO "
+                               "directory (with data.yaml) or its data.yaml, a COCO json or directory, a "
+                               "jobs.make_shards directory, or 'synthetic'; to run a model on images use "
+                               "jobs.predict --input.")
         else:
             if path.is_dir():
                 path, guessed_root = find_coco_split(path, split)

@@ -104,6 +104,11 @@ class TrainPlan:
         size = self.step_record(epoch, step).size
         return size // 32, size // 32
 
+    def grids(self) -> list[tuple[int, int]]:
+        """Every teacher grid a step of the plan can have (the exact store keeps one array each)."""
+        sizes = {self.base_size} | (set(self.scales) if self.scales is not None and self.stop_epoch > 0 else set())
+        return sorted((s // 32, s // 32) for s in sizes)
+
     def aug_record(self, epoch: int, index: int, annotation: dict) -> AugRecord:
         return sample_record(self.seed, epoch, index, self.policy, self.num_samples,
                              (annotation["width"], annotation["height"]), annotation["boxes"])
@@ -188,7 +193,9 @@ class PlanDataset(torch.utils.data.Dataset):
     """Item ``(epoch, step, slot, index)`` -> the planned sample (``convert=True``: model input).
     ``join(epoch, step, slot, index) -> dict`` (e.g. the cached teacher view) is merged into the
     target; ``record_fn(epoch, index, annotation)`` replaces the plan's fresh record (budget stores
-    replay a cached view's)."""
+    replay a cached view's). A DataLoader fetches a rank's step at once (:meth:`__getitems__`): a
+    data set with ``prefetch`` (shards on object storage) reads the step's samples in one round and
+    their mosaic partners in a second, and a join with ``many`` reads the step's views in one."""
 
     def __init__(self, dataset, plan: TrainPlan, join=None, convert: bool = True, record_fn=None):
         self.dataset, self.plan, self.join, self.convert = dataset, plan, join, convert
@@ -198,14 +205,29 @@ class PlanDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items):
+        prefetch = getattr(self.dataset, "prefetch", None)
+        if prefetch is not None:
+            prefetch([index for *_, index in items])
+        records = [self.record_fn(epoch, index, self.dataset.annotation(index)) for epoch, _, _, index in items]
+        if prefetch is not None:
+            prefetch([p for r in records if r.mosaic is not None for p in r.mosaic["partners"]])
+        if self.join is None:
+            extras = [{}] * len(items)
+        else:
+            many = getattr(self.join, "many", None)
+            extras = many(items) if many is not None else [self.join(*item) for item in items]
+        return [self._sample(item, record, extra) for item, record, extra in zip(items, records, extras)]
+
+    def _sample(self, item, record, extra: dict):
         epoch, step, slot, index = item
-        record = self.record_fn(epoch, index, self.dataset.annotation(index))
         image, target = self.dataset[index]
         image, target = apply_record(record, image, target, load_partner=self.dataset.__getitem__,
                                      convert=self.convert)
         target.update(step=step, slot=slot, index=index)
-        if self.join is not None:
-            target.update(self.join(epoch, step, slot, index))
+        target.update(extra)
         return image, target
 
 
@@ -215,9 +237,6 @@ class PlanCollate:
 
     def __init__(self, plan: TrainPlan):
         self.plan = plan
-
-    def set_epoch(self, epoch: int) -> None:  # the epoch travels with the items
-        pass
 
     def __call__(self, items):
         images = torch.stack([x[0] for x in items])
@@ -242,10 +261,12 @@ def render_step(plan: TrainPlan, dataset, epoch: int, step: int):
 
 class PlanRenderer:
     """``render(epoch, step) -> (float32 [G,3,S,S], sample indices)`` for the cache job's workers
-    (the dataset is loaded lazily in each worker; the object pickles small)."""
+    (the dataset is loaded lazily in each worker; the object pickles small). ``on_error`` and ``skip``
+    (the keys the job's ``--on-error skip`` check dropped) make each worker's data set the job's."""
 
-    def __init__(self, data: str | None, split: str, plan: TrainPlan):
+    def __init__(self, data: str | None, split: str, plan: TrainPlan, on_error: str = "raise", skip=()):
         self.data, self.split, self.plan, self._dataset = data, split, plan, None
+        self.on_error, self.skip = on_error, tuple(skip)
 
     def __getstate__(self):
         return {**self.__dict__, "_dataset": None}
@@ -253,7 +274,7 @@ class PlanRenderer:
     @property
     def dataset(self):
         if self._dataset is None:
-            self._dataset = load_dataset(self.data, split=self.split)
+            self._dataset = load_dataset(self.data, split=self.split, on_error=self.on_error).without(self.skip)
         return self._dataset
 
     def __call__(self, epoch: int, step: int):

@@ -1,32 +1,34 @@
-"""WebDataset shards of a detection dataset: a resumable writer and a DDP-aware streaming reader.
+"""WebDataset shards of a detection dataset: a resumable writer, a map-style reader by byte range
+(what the trainer streams, following the training plan), and a sequential streaming reader.
 
 Shard layout (one tar per ``shard_size`` consecutive dataset indices, written in dataset order):
 ``<stem>.<ext>`` holds the image file bytes exactly as stored (no re-encoding) and ``<stem>.json``
 the dataset's ``annotation(i)`` plus ``"index": i``. ``stem`` is the sample key with ``%`` and
 ``.`` escaped, because WebDataset splits member names at the first dot; the true key is in the
 json. ``manifest.json`` lists the shards with their sample counts, the class names, the
-label -> category id map and the dataset content hash (``dataset_hash``); ``index.json`` holds every member's byte
-offset so that mosaic partners can be read by dataset index (local path or seekable fsspec URL).
+label -> category id map and the dataset content hash (``dataset_hash``); ``index.json`` holds every
+member's byte offset, so any sample can be read by its dataset index.
 
-The reader (:class:`ShardStream`) yields exactly what the map-style pipeline yields for the same
-sample: ``pipeline.data.dataset.decode`` on the same bytes (identical pixels), then either a plain
-``transform`` or the replayable augmentation of ``pipeline.data.augment`` drawn from
-``(seed, epoch, index)`` as ``AugmentedDataset`` does. Shard splitting follows the WebDataset DDP
-practice: split by node (``wds.split_by_node``, or explicit ``rank``/``world_size``), then by
-DataLoader worker; ``mode="train"`` resamples shards (``wds.ResampledShards``) and cuts
-equal-length epochs (``with_epoch``'s count, taken before the sample shuffle) so every rank yields
-the same number of samples;
-``mode="exact"`` is one pass over every sample exactly once (evaluation, tests).
+Training (:class:`ShardDataset`): the plan (``pipeline/data/plan.py``) names every step's samples,
+so the trainer reads exactly those, by byte range through ``index.json``: a sample's two members are
+adjacent in its tar, one ranged read; a step's samples go out in one concurrent round
+(``fs.cat_ranges``), their mosaic partners in a second, and DataLoader workers keep the next steps in
+flight. The samples are the source data set's, bit for bit (same bytes, same ``decode``), so the
+plan's guarantees hold unchanged: the same batches on any world size, the exact teacher store
+joined by (epoch, step, slot), mid-epoch resume. Nothing is read that the plan does not use.
+
+Sequential passes (:class:`ShardStream`): each sample once, shards split by node then by DataLoader
+worker (the WebDataset DDP practice), e.g. to score or convert a data set.
 """
 from __future__ import annotations
 
 import json
 import math
 import multiprocessing as mp
-import os
 import random
 import tarfile
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import islice
@@ -34,16 +36,18 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import fsspec
+import torch
 import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from detector.checkpoint import atomic_write
+from pipeline.data.augment import apply_record, sample_record
 from pipeline.data.dataset import DatasetError, decode
-from teacher_cache.store import require_bucket
+from teacher_cache.layout import Location, require_bucket
 
 FORMAT = "rtdetrv4-shards-v1"
 MANIFEST = "manifest.json"
@@ -204,46 +208,97 @@ def load_manifest(source: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ random access
-class ShardIndex:
-    """Random access by dataset index into the shards (byte offsets from ``index.json``).
+class ShardDataset(torch.utils.data.Dataset):
+    """Map-style access to the samples of a shard set by dataset index: ``dataset[i]`` equals the
+    source data set's ``dataset[i]`` bit for bit; ``annotation(i)``, ``key(i)``, ``raw(i)``,
+    ``content_hash()`` as :class:`pipeline.data.dataset.DetectionDataset`.
 
-    Used for mosaic partners, which the augmentation record names by dataset index. Reads the
-    shards at ``source`` (a path or a seekable fsspec URL) even when the stream itself uses a
-    ``pipe:`` ``url_template``.
+    Each sample is one ranged read of ``source`` (a path or any fsspec URL: ``s3://``, ``gs://``, ...)
+    through ``index.json``; :meth:`prefetch` reads many in one concurrent round (what
+    ``PlanDataset`` does for a step's samples and again for their mosaic partners). The bytes of the
+    last ``cache_size`` samples are kept; ``io`` counts the requests and bytes read.
     """
 
-    def __init__(self, source: str | Path, manifest: dict | None = None):
+    def __init__(self, source: str | Path, manifest: dict | None = None, cache_size: int = 256):
         self.source = str(source)
         self.manifest = manifest or load_manifest(source)
-        self._rows = None
-        self._files: dict[str, object] = {}
+        self.location = Location(self.source)
+        self.cache_size = cache_size
+        self.rows = None                                   # index.json, read on first use
+        self.cache: OrderedDict[int, tuple[bytes, dict]] = OrderedDict()
+        self.io = {"requests": 0, "bytes": 0}
 
-    def __getstate__(self):  # open files and the big index stay out of worker pickles
-        return {**self.__dict__, "_rows": None, "_files": {}}
+    def __getstate__(self):  # DataLoader workers: re-open the filesystem, empty caches
+        return {"source": self.source, "manifest": self.manifest, "cache_size": self.cache_size}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
 
     def __len__(self) -> int:
         return self.manifest["num_samples"]
 
-    def _read(self, url: str, offset: int, size: int) -> bytes:
-        f = self._files.get(url)
-        if f is None:
-            plain_path = urlparse(url).scheme == ""
-            f = self._files[url] = open(url, "rb") if plain_path else fsspec.open(url, "rb").open()
-        f.seek(offset)
-        return f.read(size)
+    def __repr__(self) -> str:
+        return f"ShardDataset({self.source!r}, images={len(self)}, shards={len(self.manifest['shards'])})"
+
+    class_names = property(lambda self: self.manifest["class_names"])
+    label_to_category_id = property(lambda self: self.manifest["label_to_category_id"])
+    num_classes = property(lambda self: len(self.manifest["class_names"]))
+
+    def content_hash(self) -> str:
+        """The source data set's ``content_hash()`` (recorded by the writer): the plan's dataset hash."""
+        return self.manifest["dataset_hash"]
+
+    def _span(self, index: int) -> tuple[str, int, int, tuple[int, int], tuple[int, int]]:
+        """(shard path, start, end, image range, json range) of a sample: one range over both members."""
+        if self.rows is None:
+            self.rows = read_json_url(join_url(self.source, INDEX))["shards"]
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} outside {self.source} ({len(self)} samples)")
+        shard, pos = divmod(int(index), self.manifest["shard_size"])
+        _, img_off, img_size, js_off, js_size = self.rows[shard][pos]
+        start, end = min(img_off, js_off), max(img_off + img_size, js_off + js_size)
+        name = self.manifest["shards"][shard]["name"]
+        return (self.location.path(name), start, end, (img_off - start, img_off - start + img_size),
+                (js_off - start, js_off - start + js_size))
+
+    def prefetch(self, indices) -> None:
+        """Read the samples not cached yet, all in one concurrent round."""
+        todo = list(dict.fromkeys(int(i) for i in indices if int(i) not in self.cache))
+        if not todo:
+            return
+        spans = [self._span(i) for i in todo]
+        raws = self.location.fs.cat_ranges([s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
+                                           on_error="return")
+        self.io["requests"] += len(todo)
+        for i, (path, start, end, img, js), raw in zip(todo, spans, raws):
+            if isinstance(raw, Exception) or len(raw) != end - start:
+                why = (f"{type(raw).__name__}: {raw}" if isinstance(raw, Exception)
+                       else f"{len(raw)} of {end - start} bytes")
+                raise DatasetError(f"{path}: cannot read sample {i} at bytes {start}..{end} ({why}). Fix: restore "
+                                   "the shard (re-run `python -m jobs.make_shards` with the same --out) or check "
+                                   "the object store")
+            self.io["bytes"] += len(raw)
+            self.cache[i] = (raw[img[0]:img[1]], json.loads(raw[js[0]:js[1]]))
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
 
     def raw(self, index: int) -> tuple[bytes, dict]:
-        if self._rows is None:
-            self._rows = read_json_url(join_url(self.source, INDEX))["shards"]
-        size = self.manifest["shard_size"]
-        shard, pos = divmod(int(index), size)
-        _, img_off, img_size, js_off, js_size = self._rows[shard][pos]
-        url = join_url(self.source, self.manifest["shards"][shard]["name"])
-        return self._read(url, img_off, img_size), json.loads(self._read(url, js_off, js_size))
+        """(encoded image bytes as stored, annotation)."""
+        index = int(index)
+        if index not in self.cache:
+            self.prefetch([index])
+        self.cache.move_to_end(index)
+        return self.cache[index]
+
+    def annotation(self, index: int) -> dict:
+        return self.raw(index)[1]
+
+    def key(self, index: int) -> str:
+        return self.annotation(index)["key"]
 
     def __getitem__(self, index: int):
         data, annotation = self.raw(index)
-        return decode(data, annotation, source=f"{self.source}#{index}")
+        return decode(data, annotation, source=f"{self.source}#{index} ({annotation['key']})")
 
 
 # ------------------------------------------------------------------------------------- reader
@@ -271,140 +326,67 @@ class SharedEpoch:
 
 
 class ShardStream(IterableDataset):
-    """Streams ``(image, target)`` from shards, DDP- and worker-split, deterministic per seed.
+    """One sequential pass over a shard set: every sample once over all ranks x DataLoader workers
+    (shards split by node, then by worker), ``(image, target)`` as the map-style data set yields it.
 
     Args:
         source: directory or URL prefix holding ``manifest.json`` (local, ``file://``, or fsspec).
-        mode: ``"exact"``: each sample once per epoch over all ranks x workers (shards split by
-            node then worker; ranks may get unequal counts). ``"train"``: shards resampled with
-            replacement within the rank's part of an epoch-seeded shard permutation, ``samples_per_epoch``
-            samples per rank split evenly over workers (equal-length epochs on every rank).
         rank, world_size: explicit DDP coordinates; default: ``wds.split_by_node``'s view
             (``RANK``/``WORLD_SIZE`` env or torch.distributed).
-        seed: base seed; shard order, resampling and sample shuffle use (seed, epoch, rank, worker).
-        samples_per_epoch: samples per rank per epoch in train mode (default: ceil(N / world)).
-        shuffle_buffer: sample shuffle buffer per worker (0: no sample shuffle; train default 256).
-        shuffle_shards: in exact mode, permute the shard order per epoch (same on every rank).
-        policy: an ``AugPolicy``: apply the replayable augmentation of ``AugmentedDataset``
-            (record from (seed, epoch, index); mosaic partners read via :class:`ShardIndex`).
-        transform: ``(image, target) -> (image, target)`` applied when there is no augmentation.
-        record_fn: ``(epoch, index, annotation) -> AugRecord`` replacing the default record
-            ``sample_record(seed, epoch, index, ...)``, e.g. the cached teacher view of ``ViewPlan``.
-        join: ``(key, target) -> dict`` merged into each target after augmentation, in the worker
-            after the shuffle (e.g. cached teacher features; ``target["index"]`` and
-            ``target["record_epoch"]``, the epoch whose record was applied, identify the view).
+        seed, shuffle_shards: permute the shard order per epoch (the same on every rank).
+        policy: an ``AugPolicy``: the replayable augmentation of ``AugmentedDataset`` (record from
+            (seed, epoch, index); mosaic partners read by index through :class:`ShardDataset`).
+        transform: ``(image, target) -> (image, target)`` applied when there is no policy.
         url_template: shard URL from its name, e.g. ``"pipe:aws s3 cp s3://b/p/{name} -"``
             (default: ``source/name``).
     """
 
-    def __init__(self, source: str | Path, mode: str = "exact", *, rank: int | None = None,
-                 world_size: int | None = None, seed: int = 0, epoch: int = 0,
-                 samples_per_epoch: int | None = None, shuffle_buffer: int | None = None,
-                 shuffle_shards: bool = False, policy=None, transform: Callable | None = None,
-                 record_fn: Callable | None = None, join: Callable[[str, dict], dict] | None = None,
-                 url_template: str | None = None):
-        if mode not in ("exact", "train"):
-            raise ValueError(f"mode must be 'exact' or 'train', got {mode!r}")
+    def __init__(self, source: str | Path, *, rank: int | None = None, world_size: int | None = None,
+                 seed: int = 0, epoch: int = 0, shuffle_shards: bool = False, policy=None,
+                 transform: Callable | None = None, url_template: str | None = None):
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
         self.source = str(source)
         self.manifest = load_manifest(source)
-        self.mode = mode
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.epoch = SharedEpoch(epoch)
-        self.samples_per_epoch = samples_per_epoch
-        # the buffer holds encoded samples (~160 kB each for COCO)
-        self.shuffle_buffer = (256 if mode == "train" else 0) if shuffle_buffer is None else shuffle_buffer
         self.shuffle_shards = shuffle_shards
-        self.policy, self.transform, self.record_fn, self.join = policy, transform, record_fn, join
+        self.policy, self.transform = policy, transform
         names = [s["name"] for s in self.manifest["shards"]]
         self.urls = [url_template.format(name=n) if url_template else join_url(self.source, n) for n in names]
-        self.augment = policy is not None or record_fn is not None
-        self.partners = ShardIndex(self.source, self.manifest) if self.augment else None
+        self.partners = ShardDataset(self.source, self.manifest) if policy is not None else None
 
-    # -- bookkeeping ------------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
         return self.manifest["num_samples"]
 
-    @property
-    def class_names(self) -> list[str]:
-        return self.manifest["class_names"]
-
-    @property
-    def label_to_category_id(self) -> list[int]:
-        return self.manifest["label_to_category_id"]
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch.set(epoch)
 
-    def _coordinates(self) -> tuple[int, int, int, int]:
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
-        if self.rank is not None:
-            rank, world = self.rank, self.world_size
-        info = get_worker_info()
-        if info is not None:
-            worker, workers = info.id, info.num_workers
-        return rank, world, worker, workers
-
-    def epoch_length(self, world_size: int | None = None) -> int:
-        """Samples per rank per epoch in train mode."""
-        world = world_size or self.world_size or wds.utils.pytorch_worker_info()[1]
-        return self.samples_per_epoch or math.ceil(self.num_samples / world)
-
-    # -- stages -----------------------------------------------------------------------------
     def _nodesplitter(self):
         if self.rank is None:
             return wds.split_by_node
         return partial(_slice_by_rank, rank=self.rank, world_size=self.world_size)
 
-    def _shard_source(self, epoch: int, rank: int, world: int, worker: int):
-        urls = list(self.urls)
-        if self.mode == "train" or self.shuffle_shards:
-            random.Random(wds.utils.make_seed(self.seed, epoch)).shuffle(urls)  # same on every rank
-        if self.mode == "exact":
-            return [wds.SimpleShardList(urls), self._nodesplitter(), wds.split_by_worker]
-        mine = list(self._nodesplitter()(urls)) if len(urls) >= world else urls
-        seed = wds.utils.make_seed(self.seed, epoch, rank, worker)
-        return [wds.ResampledShards(mine, seed=seed, worker_seed=lambda: 0, deterministic=True)]
-
     def _sample(self, sample: dict, epoch: int):
         annotation = json.loads(sample["json"])
         ext = next(k for k in sample if not k.startswith("__") and k != "json")
         image, target = decode(sample[ext], annotation, source=f"{sample['__url__']}:{annotation['key']}")
-        if self.augment:
-            image, target = self._augment(image, target, annotation, epoch)
-        elif self.transform is not None:
-            image, target = self.transform(image, target)
-        target["index"], target["record_epoch"] = annotation["index"], epoch
-        if self.join is not None:
-            target.update(self.join(annotation["key"], target))
-        return image, target
-
-    def _augment(self, image, target, annotation, epoch):
-        """``AugmentedDataset``'s item for (epoch, index); the record lands in target["record"]."""
-        from pipeline.data.augment import apply_record, sample_record
-
-        if self.record_fn is not None:
-            record = self.record_fn(epoch, annotation["index"], annotation)
-        else:  # = augment.record_for: the json annotation is the dataset's annotation(index)
+        if self.policy is not None:   # = AugmentedDataset[(epoch, index)]: the json is annotation(index)
             record = sample_record(self.seed, epoch, annotation["index"], self.policy, self.num_samples,
                                    (annotation["width"], annotation["height"]), annotation["boxes"])
-        return apply_record(record, image, target, load_partner=self.partners.__getitem__)
+            image, target = apply_record(record, image, target, load_partner=self.partners.__getitem__)
+        elif self.transform is not None:
+            image, target = self.transform(image, target)
+        target["index"] = annotation["index"]
+        return image, target
 
     def __iter__(self):
         epoch = self.epoch.get()
-        rank, world, worker, workers = self._coordinates()
-        stages = self._shard_source(epoch, rank, world, worker)
-        stages += [_open_shards, tar_file_expander, group_by_keys]
-        if self.mode == "train":
-            # with_epoch, placed before the shuffle: the buffer drains at the epoch end instead of
-            # being dropped, so no encoded sample is read without being used
-            n = self.epoch_length(world)
-            stages.append(wds.slice(n // workers + (worker < n % workers)))
-        if self.shuffle_buffer:
-            rng = random.Random(wds.utils.make_seed(self.seed, epoch, rank, worker, 1))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 2), rng=rng))
-        stages.append(wds.map(partial(self._sample, epoch=epoch)))
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(wds.utils.make_seed(self.seed, epoch)).shuffle(urls)  # same on every rank
+        stages = [wds.SimpleShardList(urls), self._nodesplitter(), wds.split_by_worker, _open_shards,
+                  tar_file_expander, group_by_keys, wds.map(partial(self._sample, epoch=epoch))]
         return iter(wds.DataPipeline(*stages))

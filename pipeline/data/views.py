@@ -43,8 +43,10 @@ class Renderer:
     """``render(index, view) -> uint8 [3, H, W]``: the exact view the trainer replays (the data
     pipeline's records, bit-exact); the decoded source image is reused across its views."""
 
-    def __init__(self, data: str | None, split: str, plan: ViewPlan, policy: AugPolicy):
+    def __init__(self, data: str | None, split: str, plan: ViewPlan, policy: AugPolicy, on_error: str = "raise",
+                 skip=()):
         self.data, self.split, self.plan, self.policy = data, split, plan, policy
+        self.on_error, self.skip = on_error, tuple(skip)   # the job's --on-error and the keys its check dropped
         self._dataset, self._last = None, (None, None)
 
     def __getstate__(self):
@@ -53,7 +55,7 @@ class Renderer:
     @property
     def dataset(self):
         if self._dataset is None:
-            self._dataset = load_dataset(self.data, split=self.split)
+            self._dataset = load_dataset(self.data, split=self.split, on_error=self.on_error).without(self.skip)
         return self._dataset
 
     def record(self, index: int, view: int):

@@ -4,7 +4,9 @@ Layout (Ultralytics): ``data.yaml`` with ``names`` (list or {id: name}) and one 
 (``val: images/val``, relative to ``path``); ``labels/<split>/<stem>.txt`` next to
 ``images/<split>/<stem>.jpg``, one object a line: ``class cx cy w h`` normalised to [0, 1], or a
 polygon ``class x1 y1 x2 y2 ...`` (its enclosing box is used). An image without a label file is a
-background image and is kept. Labels are the class ids; ``label_to_category_id`` is ``0..C-1``.
+background image and is kept; a label file without an image is a problem (its boxes would be lost;
+``classes.txt``, which labelling tools write there, is not a label file). Labels are the class ids;
+``label_to_category_id`` is ``0..C-1``.
 """
 from __future__ import annotations
 
@@ -134,7 +136,15 @@ def load_yolo(path, split: str = "val", on_error: str = "raise") -> DetectionDat
                               width=width, height=height, image_id=len(samples), boxes=boxes, labels=labels,
                               area=(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
                               file_size=os.path.getsize(image_path)))
-    finish_loading(report, on_error, yaml_path, "correct the listed label lines or remove the broken images")
+    label_dir = label_path(image_dir / "x").parent if "images" in image_dir.parts else None
+    used = {label_path(f) for f in files}
+    orphans = sorted(p for p in label_dir.rglob("*.txt") if p not in used and p.name != "classes.txt") \
+        if label_dir is not None and label_dir.is_dir() else []
+    for orphan in orphans:
+        report.add(orphan, 0, f"label file without an image (no {orphan.stem}.* among the images of "
+                              f"{image_dir}): its boxes would be lost")
+    finish_loading(report, on_error, yaml_path, "correct the listed label lines, remove the broken images, and "
+                   "restore the image of each orphaned label file (or delete that label file)")
     if degenerate:
         log.info("%s: dropped %d degenerate box(es)", yaml_path, degenerate)
     return DetectionDataset(samples, names, list(range(len(names))), root=image_dir, source=f"{yaml_path}:{split}",

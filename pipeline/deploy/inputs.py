@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import resize
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+from pipeline.data.dataset import IMAGE_EXTENSIONS, DatasetError, decode_rgb
+
+IMAGE_EXTS = set(IMAGE_EXTENSIONS)
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 
 
@@ -34,11 +35,13 @@ def list_images(source: str | Path, limit: int | None = None) -> list[Path]:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """uint8 [3,H,W] RGB."""
+    """uint8 [3,H,W] RGB, decoded as training and evaluation decode (16-bit scaled to 8 bits); a file that
+    cannot be read or decoded raises :class:`DatasetError` naming it."""
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise ValueError(f"could not decode image {path}: {e}") from None
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read image ({e.strerror})") from None
+    return decode_rgb(data, str(path))
 
 
 def to_inputs(frames: list[torch.Tensor], size: int = 640) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,6 +64,10 @@ class TrainConfig:
     train_split: str = _f("train", "split trained on: a YOLO data.yaml key (train, val, ...) or a COCO split "
                                    "(train2017)")
     val_split: str = _f("val", "split evaluated on (of --val-data, else of --data)")
+    on_error: str = _f("raise", "bad images or labels: raise (stop, naming the file; an image that cannot be decoded "
+                                "stops the run where it is first read) or skip (decode every image once at start, "
+                                "list the bad ones and train without them: the data set of jobs.cache_teacher "
+                                "--on-error skip)", choices=["raise", "skip"])
     out: str | None = _f(None, "run directory (default: runs/<name>); an existing non-empty one is never written "
                                "into: <out>2, <out>3, ... (like Ultralytics) unless --exist-ok")
     name: str = _f("train", "run name: the run directory is runs/<name> (without --out)")
@@ -116,7 +120,8 @@ class TrainConfig:
                        choices=["cosine", "mse"])
     # resume / init
     resume: str | None = _f(None, "run directory (its last.pth) or training checkpoint to continue exactly; the run "
-                                  "continues in that directory", group="init")
+                                  "continues in that directory; a command that changes the run's plan (--img-size, "
+                                  "--seed, --data, --epochs, ...) is refused, naming the flag", group="init")
     finetune: str | None = _f(None, "weights to start from (ours or an official RT-DETRv4/DEIM .pth)", group="init")
     # numerics
     amp: str = _f("auto", "mixed precision (auto: bf16 on CUDA where supported, else fp16; off on CPU)",

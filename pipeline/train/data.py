@@ -2,10 +2,11 @@
 teacher grid for every training batch (from the cache where it holds the view, the online
 teacher otherwise).
 
-A COCO/YOLO dataset (map-style) follows the world-size-independent :class:`TrainPlan`
-(pipeline/data/plan.py), with or without ``--cache``: the cache never changes what the student
-sees. WebDataset shards (``--data`` pointing at a ``jobs.make_shards`` output) stream through
-:class:`ShardStream` with per-rank draws instead.
+The training data follows the world-size-independent :class:`TrainPlan` (pipeline/data/plan.py),
+with or without ``--cache``: the cache never changes what the student sees. ``--data`` is a
+COCO/YOLO data set, or WebDataset shards (a ``jobs.make_shards`` output, local or ``s3://``) read
+by byte range through :class:`ShardDataset`: the same samples, so the same batches on every world
+size, and the same exact store.
 
 ``--cache`` takes either store kind:
 - exact (``jobs.cache_teacher`` default): the teacher's output for every (epoch, step, slot) of
@@ -23,23 +24,23 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from itertools import islice
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.data.augment import AugmentedDataset
-from pipeline.data.collate import Collate, stack_collate
+from pipeline.data.collate import stack_collate
 from pipeline.data.load import load_dataset
 from pipeline.data.policy import AugPolicy
 from pipeline.data.plan import PlanCollate, PlanDataset, PlanSampler, TrainPlan
 from pipeline.data.sampler import ResumableSampler
-from pipeline.data.shards import ShardIndex, ShardStream, is_shard_set
+from pipeline.data.shards import ShardDataset, is_shard_set
 from pipeline.data.views import PlannedViews
 from teacher_cache.exact import FORMAT as EXACT_FORMAT, ExactStore
+from teacher_cache.layout import StoreError, ViewError, store_format
 from teacher_cache.quantize import decode
-from teacher_cache.store import Store, StoreError, ViewError, _read_json
+from teacher_cache.store import Store
 from teacher_cache.teachers import Teacher, build_teacher, choose_precision
 
 log = logging.getLogger("rtdetrv4.train")
@@ -53,15 +54,20 @@ class ExactJoin:
         self.store, self.strict = store, strict
 
     def __call__(self, epoch: int, step: int, slot: int, index: int) -> dict:
-        try:
-            tokens, scale, grid = self.store.read(epoch, step, slot, index)
-        except ViewError as e:
-            if self.strict:
-                raise StoreError(f"--strict-cache: {e}") from None
-            return {"teacher_miss": e.kind, "teacher_error": str(e)}
-        out = {"teacher_tokens": tokens, "teacher_grid": grid}
-        if scale is not None:
-            out["teacher_scale"] = scale
+        return self.many([(epoch, step, slot, index)])[0]
+
+    def many(self, items) -> list[dict]:
+        """The views of a rank's step, read in one concurrent round."""
+        out = []
+        for got in self.store.read_many(items):
+            if isinstance(got, ViewError):
+                if self.strict:
+                    raise StoreError(f"--strict-cache: {got}") from None
+                out.append({"teacher_miss": got.kind, "teacher_error": str(got)})
+                continue
+            tokens, scale, grid = got
+            out.append({"teacher_tokens": tokens, "teacher_grid": grid}
+                       | ({} if scale is None else {"teacher_scale": scale}))
         return out
 
 
@@ -109,18 +115,17 @@ class TeacherStats:
 @dataclass
 class TrainData:
     cfg: object
-    train_items: object                 # map-style Dataset fed by ``sampler``, or None when streaming
+    train_items: PlanDataset            # the plan's samples (from a data set or shards), fed by ``sampler``
     val_dataset: object
-    collate: Collate | PlanCollate
-    sampler: PlanSampler | None
-    stream: ShardStream | None
+    collate: PlanCollate
+    sampler: PlanSampler
     store: Store | ExactStore | None
     device: torch.device
     batch_size: int
     batches_per_epoch: int
     teacher_dim: int
     teacher: Teacher | None = None      # built up front (checked against the store's weights when cached)
-    plan: TrainPlan | None = None       # None when streaming WebDataset shards
+    plan: TrainPlan | None = None
     teacher_unavailable: str | None = None   # why misses cannot be served (store from other weights)
     stats: TeacherStats = field(default_factory=TeacherStats)
     _logged_miss: dict = field(default_factory=dict)
@@ -136,17 +141,9 @@ class TrainData:
         return self.val_dataset.coco
 
     # -- loaders ---------------------------------------------------------------------------
-    def _loader(self, data, batch_size: int, sampler=None, collate_fn=None):
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.workers,
-                          collate_fn=collate_fn, pin_memory=self.device.type == "cuda",
-                          drop_last=sampler is not None)
-
     def train_loader(self, epoch: int, start_batch: int = 0):
-        """Batches of ``epoch`` from batch ``start_batch`` on (mid-epoch resume)."""
-        self.collate.set_epoch(epoch)
-        if self.stream is not None:
-            self.stream.set_epoch(epoch)
-            return islice(self._loader(self.stream, self.batch_size, collate_fn=self.collate), start_batch, None)
+        """Batches of ``epoch`` from batch ``start_batch`` on (mid-epoch resume): a DataLoader worker
+        builds a whole step, so ``workers`` x ``prefetch_factor`` (2) steps are read ahead."""
         self.sampler.set_epoch(epoch, start_batch)
         return DataLoader(self.train_items, batch_sampler=self.sampler, num_workers=self.cfg.workers,
                           collate_fn=self.collate, pin_memory=self.device.type == "cuda")
@@ -164,7 +161,9 @@ class TrainData:
             raise StoreError(self.teacher_unavailable)
         if self.teacher is None:
             self.teacher = _build_online_teacher(self.cfg, self.store, self.device)
-        return self.teacher.to(self.device)
+        if self.teacher.mean.device != self.device:   # a store's teacher waits on the CPU until its first miss
+            self.teacher.to(self.device)
+        return self.teacher
 
     @torch.no_grad()
     def teacher_targets(self, images: torch.Tensor, targets: list[dict], batch) -> torch.Tensor:
@@ -220,7 +219,9 @@ def _build_online_teacher(cfg, store, device: torch.device) -> Teacher:
         _check_store_teacher(store, teacher.fingerprint())
         teacher.precision = store.manifest["teacher"]["protocol"]["precision"]
     else:
-        probe = torch.rand(2, 3, cfg.img_size, cfg.img_size, device=device)
+        # its own generator: a draw from the global RNG here would start an uncached run from other
+        # student weights than the same run with --cache (the student is built after the teacher)
+        probe = torch.rand(2, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0)).to(device)
         teacher.precision, fidelity = choose_precision(teacher, probe, cfg.teacher_precision)
         log.info("online teacher %s in %s%s", cfg.vfm, teacher.precision,
                  f" (bf16 cosine fidelity {fidelity:.5f})" if fidelity is not None else "")
@@ -253,18 +254,7 @@ def _store_teacher(cfg, store) -> tuple[Teacher | None, str | None]:
 
 def store_kind(url: str) -> str:
     """"exact" or "budget", from the store's manifest (a clear error when there is none)."""
-    try:
-        manifest = _read_json(*_fs_path(url, "manifest.json"))
-    except FileNotFoundError:
-        raise StoreError(f"no teacher-feature store at {url} (manifest.json missing): run "
-                         "`python -m jobs.cache_teacher --out ...` first") from None
-    return "exact" if manifest.get("format") == EXACT_FORMAT else "budget"
-
-
-def _fs_path(url: str, name: str):
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, f"{root.rstrip('/')}/{name}"
+    return "exact" if store_format(url) == EXACT_FORMAT else "budget"
 
 
 def _open_store(cfg, recipe, policy: AugPolicy, dataset_hash: str | None) -> Store:
@@ -315,48 +305,25 @@ def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
     size = cfg.img_size
     policy = AugPolicy.from_recipe(recipe, output_size=size)
     streaming = is_shard_set(cfg.data)
-    val_dataset = load_dataset(cfg.val_data or (None if streaming else cfg.data), split=cfg.val_split)
-    store = sampler = stream = train_items = plan = None
+    # --on-error skip decodes every image once here and trains without the bad ones, as jobs.cache_teacher
+    # --on-error skip does: both see the same data set (content hash, plan). raise: the first bad one stops the run
+    checked = dict(on_error=cfg.on_error, verify_images=cfg.on_error == "skip")
+    val_dataset = load_dataset(cfg.val_data or (None if streaming else cfg.data), split=cfg.val_split, **checked)
+    dataset = ShardDataset(cfg.data) if streaming else load_dataset(cfg.data, split=cfg.train_split, **checked)
+    plan = build_plan(cfg, recipe, len(dataset), batch_size, dist.world_size, dataset.content_hash())
+    sampler = PlanSampler(plan, dist.rank, dist.world_size)
     kind = store_kind(cfg.cache) if cfg.cache and cfg.distill == "dsi" else None
-    if streaming:
-        collate = Collate.from_recipe(recipe, seed=cfg.seed, base_size=size)
-        index = ShardIndex(cfg.data)
-        if kind == "exact":
-            raise ValueError(f"--cache {cfg.cache} is an exact store, which follows the training plan of a "
-                             "map-style dataset; streamed --data shards draw per rank. Train from the COCO/YOLO "
-                             "source, or use a --views K store")
-        if kind == "budget":
-            store = _open_store(cfg, recipe, policy, index.manifest["dataset_hash"])
-            views = PlannedViews(store.plan, store, policy, size, len(index))
-            record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])  # noqa: E731
-            budget = BudgetJoin(views, cfg.strict_cache)
-            join = lambda key, t: budget(key, t["record_epoch"], t["index"])  # noqa: E731
-            stream = ShardStream(cfg.data, mode="train", rank=dist.rank, world_size=dist.world_size,
-                                 seed=cfg.seed, policy=policy, record_fn=record_fn, join=join)
-        else:
-            stream = ShardStream(cfg.data, mode="train", rank=dist.rank, world_size=dist.world_size,
-                                 seed=cfg.seed, policy=policy)
-        batches = stream.epoch_length(dist.world_size) // batch_size
-        if batches == 0:
-            raise ValueError(f"--data has too few training samples for one batch of {batch_size} per rank on "
-                             f"{dist.world_size} rank(s); lower --batch-size")
-    else:
-        dataset = load_dataset(cfg.data, split=cfg.train_split)
-        plan = build_plan(cfg, recipe, len(dataset), batch_size, dist.world_size, dataset.content_hash())
-        sampler = PlanSampler(plan, dist.rank, dist.world_size)
-        collate = PlanCollate(plan)
-        join = record_fn = None
-        if kind == "exact":
-            store = _open_exact(cfg, plan, dist)
-            join = ExactJoin(store, cfg.strict_cache)
-        elif kind == "budget":
-            store = _open_store(cfg, recipe, policy, plan.dataset_hash)
-            views = PlannedViews(store.plan, store, policy, size, len(dataset))
-            record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])  # noqa: E731
-            budget = BudgetJoin(views, cfg.strict_cache)
-            join = lambda e, s, k, i: budget(dataset.key(i), e, i)  # noqa: E731
-        train_items = PlanDataset(dataset, plan, join=join, record_fn=record_fn)
-        batches = sampler.batches_per_epoch()
+    store = join = record_fn = None
+    if kind == "exact":
+        store = _open_exact(cfg, plan, dist)
+        join = ExactJoin(store, cfg.strict_cache)
+    elif kind == "budget":
+        store = _open_store(cfg, recipe, policy, plan.dataset_hash)
+        views = PlannedViews(store.plan, store, policy, size, len(dataset))
+        record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])  # noqa: E731
+        budget = BudgetJoin(views, cfg.strict_cache)
+        join = lambda e, s, k, i: budget(dataset.key(i), e, i)  # noqa: E731
+    train_items = PlanDataset(dataset, plan, join=join, record_fn=record_fn)
     teacher = unavailable = None
     if cfg.distill == "dsi":
         if store is None:
@@ -364,7 +331,7 @@ def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
         else:
             teacher, unavailable = _store_teacher(cfg, store)
     teacher_dim = store.dim if store is not None else teacher.embed_dim if teacher is not None else 0
-    return TrainData(cfg=cfg, train_items=train_items, val_dataset=val_dataset, collate=collate, sampler=sampler,
-                     stream=stream, store=store, device=dist.device, batch_size=batch_size,
-                     batches_per_epoch=batches, teacher_dim=teacher_dim, teacher=teacher, plan=plan,
-                     teacher_unavailable=unavailable)
+    return TrainData(cfg=cfg, train_items=train_items, val_dataset=val_dataset, collate=PlanCollate(plan),
+                     sampler=sampler, store=store, device=dist.device, batch_size=batch_size,
+                     batches_per_epoch=sampler.batches_per_epoch(), teacher_dim=teacher_dim, teacher=teacher,
+                     plan=plan, teacher_unavailable=unavailable)

@@ -1,7 +1,10 @@
 """What a training run leaves on disk, laid out as Ultralytics / RF-DETR users expect.
 
-``runs/<name>`` per run (``name2``, ``name3``, ... when it exists, as Ultralytics increments),
-``results.csv`` (one row per epoch: epoch-mean losses, lr, the COCO statistics) and
+``runs/<name>`` per run (``name2``, ``name3``, ... when it exists, as Ultralytics increments; the
+folder is claimed with a lock that the run holds until its process ends, so two runs started
+together never share one),
+``results.csv`` (one row per epoch: time, epoch-mean losses with the detection loss and the
+distillation term apart, lr, the COCO statistics) and
 ``results.png``, ``train_batch0.jpg`` (the first augmented batch with its boxes), and at the end
 ``PR_curve.png`` and ``confusion_matrix.png`` computed from the final COCO evaluation's own arrays
 (``COCOeval.eval['precision']`` and the ground truth / detections it scored).
@@ -9,8 +12,11 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
+import os
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +24,8 @@ import torch
 
 RESULTS = "results.csv"
 VAL_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "kd_loss")   # kd_loss: a label-free stage
+LOCK = ".run.lock"   # flock()ed by the process writing into the run folder
+_HELD: dict[Path, int] = {}   # run folders this process holds -> the descriptor of their locked LOCK file
 
 
 def is_main_loss(name: str) -> bool:
@@ -26,17 +34,81 @@ def is_main_loss(name: str) -> bool:
 
 
 # -- run directory ---------------------------------------------------------------------------
-def increment_run_dir(base: str | Path, exist_ok: bool = False) -> Path:
-    """``base`` if it is free (absent or an empty folder) or ``exist_ok``; else ``base2``,
-    ``base3``, ... (an existing run is never written into)."""
+class RunDirError(ValueError):
+    """The run folder cannot be used: another running process holds it, or it cannot be created."""
+
+
+def claim(folder: str | Path, flag: str = "--out") -> bool:
+    """Hold ``folder`` for the rest of this process (``flock`` of its ``.run.lock``, created with the
+    folder); False when another process holds it. The kernel drops the lock when the process ends,
+    however it ends, so a killed run's folder is free again for ``--resume``."""
+    folder = Path(folder)
+    key = folder.absolute()
+    if key in _HELD:
+        return True
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirError(f"{flag} {folder}: cannot create the run folder there ({e.strerror or e}). Fix: choose "
+                          "a folder on a writable disk") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _HELD[key] = fd
+    return True
+
+
+def release(folder: str | Path) -> None:
+    """Give up a folder :func:`claim` holds (the lock file stays: it marks nothing by itself)."""
+    fd = _HELD.pop(Path(folder).absolute(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _holder(folder: Path) -> str:
+    try:
+        return (folder / LOCK).read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _free(folder: Path) -> bool:
+    """Absent, or a folder holding nothing but a run lock."""
+    return not folder.exists() or (folder.is_dir() and all(p.name == LOCK for p in folder.iterdir()))
+
+
+def hold(folder: str | Path, flag: str = "--out") -> Path:
+    """:func:`claim` ``folder`` or refuse, naming the process that writes into it."""
+    folder = Path(folder)
+    if not claim(folder, flag):
+        raise RunDirError(f"{flag} {folder}: a run ({_holder(folder)}) is writing into it now. Fix: wait for it to "
+                          "end, or choose another folder")
+    return folder
+
+
+def increment_run_dir(base: str | Path, exist_ok: bool = False, flag: str = "--out") -> Path:
+    """Claim this run's folder: ``base`` if it is free (absent or an empty folder) or ``exist_ok``
+    (refused while another run writes into it); else ``base2``, ``base3``, ... (an existing run is
+    never written into). The folder is created and held (:func:`claim`), so of two runs started
+    together with the same ``base`` each gets its own."""
     base = Path(base)
-    if exist_ok or not base.exists() or (base.is_dir() and not any(base.iterdir())):
-        return base
+    if exist_ok:
+        return hold(base, flag)
     stem = re.sub(r"\d+$", "", base.name) or base.name
-    n = int(base.name[len(stem):] or 1) + 1
-    while (base.parent / f"{stem}{n}").exists():
+    n = int(base.name[len(stem):] or 1)
+    folder = base
+    while True:
+        if _free(folder) and claim(folder, flag):
+            if _free(folder):   # still empty now that it is ours
+                return folder
+            release(folder)
         n += 1
-    return base.parent / f"{stem}{n}"
+        folder = base.parent / f"{stem}{n}"
 
 
 def resolve_resume(resume: str | Path) -> tuple[Path, Path]:
@@ -54,12 +126,13 @@ def resolve_resume(resume: str | Path) -> tuple[Path, Path]:
 
 
 def run_dir(out: str | None, name: str, exist_ok: bool, resume: str | None) -> tuple[Path, str | None]:
-    """(this run's directory, checkpoint to resume). A resumed run continues in its own directory
-    (or in ``--out``); a new one gets ``--out`` or ``runs/<name>``, incremented when taken."""
+    """(this run's directory, checkpoint to resume), claimed for this process (:func:`claim`). A
+    resumed run continues in its own directory (or in ``--out``), refused while another process
+    writes into it; a new one gets ``--out`` or ``runs/<name>``, incremented when taken."""
     if resume:
         folder, ckpt = resolve_resume(resume)
-        return (Path(out) if out else folder), str(ckpt)
-    return increment_run_dir(out or Path("runs") / name, exist_ok), None
+        return hold(Path(out) if out else folder, "--out" if out else "--resume"), str(ckpt)
+    return increment_run_dir(out or Path("runs") / name, exist_ok, "--out" if out else "--name"), None
 
 
 # -- results.csv / results.png -----------------------------------------------------------------
@@ -83,6 +156,29 @@ class Results:
         plot_results(self.csv, self.png)
 
 
+def is_distill_loss(name: str) -> bool:
+    """A distillation term: DSI (``loss_distill``, already weighted by GAM's lambda) or RT-CO-DETR's
+    ``loss_kd_*``; every other loss term is the detection criterion's."""
+    return name == "loss_distill" or name.startswith("loss_kd_")
+
+
+def results_row(epoch: int, means: dict, lr: float, stats: dict, seconds: float) -> dict:
+    """One results.csv row: the epoch means of the total and the final-layer terms, the detection
+    loss (``train/loss_det``: the total without the distillation terms) with the distillation weight
+    when there is distillation (so a rising GAM lambda is not read as a diverging loss), lr, the main
+    val statistics and ``time`` (seconds of training so far)."""
+    row = {"epoch": epoch, **{f"train/{k}": v for k, v in means.items() if is_main_loss(k)}}
+    distill = [k for k in means if is_distill_loss(k)]
+    if distill and "loss" in means:
+        row["train/loss_det"] = means["loss"] - sum(means[k] for k in distill)
+        if "loss_distill" in means and "distill_weight" in means:
+            row["train/distill_weight"] = means["distill_weight"]
+    row["lr"] = means.get("lr", lr)
+    row.update({f"val/{k}": stats[k] for k in VAL_COLUMNS if k in stats})
+    row["time"] = seconds
+    return row
+
+
 def read_results(path: str | Path) -> dict[str, list[float]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -90,13 +186,42 @@ def read_results(path: str | Path) -> dict[str, list[float]]:
     return cols
 
 
+def last_time(path: str | Path) -> float:
+    """The ``time`` of results.csv's last row (0 without one): where a resumed run's clock continues."""
+    if not Path(path).is_file():
+        return 0.0
+    times = [t for t in read_results(path).get("time", []) if not math.isnan(t)]
+    return times[-1] if times else 0.0
+
+
+#: results.png panel titles that say what a column holds
+TITLES = {"train/loss_det": "train/loss_det (detection)", "train/loss_distill": "train/loss_distill (lambda x DSI)",
+          "train/dsi": "train/DSI (unweighted)", "train/distill_weight": "GAM lambda"}
+
+
+def panels(cols: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The results.png series of results.csv's columns: no ``time``; with distillation the detection
+    loss instead of the total, and the unweighted DSI loss (``train/dsi`` = lambda x DSI / lambda)
+    next to the weighted term."""
+    cols = {k: v for k, v in cols.items() if k != "time" and not (k == "train/loss" and "train/loss_det" in cols)}
+    if "train/loss_distill" in cols and "train/distill_weight" in cols:
+        dsi = [d / w if w else math.nan for d, w in zip(cols["train/loss_distill"], cols["train/distill_weight"])]
+        names = list(cols)
+        at = names.index("train/loss_distill") + 1
+        cols = {**{k: cols[k] for k in names[:at]}, "train/dsi": dsi, **{k: cols[k] for k in names[at:]}}
+    return cols
+
+
 def plot_results(path: str | Path, png: str | Path) -> Path:
-    """One panel per results.csv column against the epoch (losses, lr, AP/AR), as Ultralytics draws it."""
+    """One panel per results.csv column against the epoch (losses, lr, AP/AR), as Ultralytics draws it.
+    With distillation, the detection loss and the distillation term get their own panels, plus the
+    unweighted DSI loss and GAM's lambda, instead of their sum: lambda rises by design, so the total
+    would rise with it while both losses fall. The ``time`` column is not drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = read_results(path)
+    cols = panels(read_results(path))
     epoch = cols.pop("epoch")
     names = list(cols)
     ncol = min(5, max(1, len(names)))
@@ -104,7 +229,7 @@ def plot_results(path: str | Path, png: str | Path) -> Path:
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False)
     for ax, name in zip(axes.flat, names):
         ax.plot(epoch, cols[name], "o-", markersize=3)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(TITLES.get(name, name), fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(names):]:
         ax.axis("off")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,16 +24,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from detector.checkpoint import load_checkpoint, read_checkpoint, remove_stale_temps
+from detector.checkpoint import atomic_write, copy_checkpoint, load_checkpoint, read_checkpoint, remove_stale_temps
 from detector.criterion import check_labels
 from detector.dsi import DSI, DSIConfig
 from detector.gam import GAM
-from detector.postprocessor import PostProcessor
 from detector.rt_co_detr import EncoderTap
 from pipeline.train.distributed import (DistInfo, all_gather_floats, all_gather_objects, all_true, barrier,
                                         init_distributed, reduce_mean, weights_digest)
 from pipeline.train.ema import ModelEMA
-from pipeline.data.evaluate import CocoEvaluator, format_table
+from pipeline.data.evaluate import CocoEvaluator, format_table, protocol_postprocessor
 from pipeline.train.optim import build_optimizer, build_schedule
 from pipeline.train.recipe import Recipe, recipe_from_config
 from pipeline.train.rt_co_detr import (active_distill, build_codetr, build_feat, build_student, distill_losses,
@@ -42,8 +40,8 @@ from pipeline.train.rt_co_detr import (active_distill, build_codetr, build_feat,
 from pipeline.train import outputs as run_outputs
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import TrainData, build_train_data
-from pipeline.train.state import (FORMAT, atomic_save, check_resume_layout, load_train_state, rng_state,
-                                  set_rng_state)
+from pipeline.train.state import (FORMAT, atomic_save, check_resume_layout, check_resume_plan, load_train_state,
+                                  rng_state, run_plan, set_rng_state)
 
 log = logging.getLogger("rtdetrv4.train")
 
@@ -80,11 +78,14 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.dist: DistInfo = init_distributed(cfg.device)
-        if cfg.resume and not Path(cfg.resume).is_file():   # before any collective: name the node
-            raise FileNotFoundError(
-                f"rank {self.dist.rank} on {socket.gethostname()}: --resume {cfg.resume} not found. In a multi-node "
-                "run every node loads the checkpoint: put --out on shared storage or copy last.pth to the same "
-                "path on each node")
+        if cfg.resume:   # before any collective: a run directory means its last.pth; a missing one names the node
+            try:
+                run_outputs.resolve_resume(cfg.resume)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(
+                    f"rank {self.dist.rank} on {socket.gethostname()}: {e}. In a multi-node run every node loads "
+                    "the checkpoint: put --out on shared storage or copy last.pth to the same path on each node"
+                ) from None
         cfg, self.preset = resolve_preset(cfg)   # --recipe rt-co-detr fills the paper's settings
         self.cfg = cfg = self._run_dir(cfg)
         torch.manual_seed(cfg.seed + self.dist.rank)
@@ -98,9 +99,13 @@ class Trainer:
             # a shortened run keeps the warm-up at <= 5% of its iterations
             total = self.steps_per_epoch * recipe.epochs
             self.recipe = recipe = replace(recipe, warmup_iter=min(recipe.warmup_iter, max(1, total // 20)))
+        # what a resume may not change (image size, seed, data and its content, epochs, ...): checked by _resume
+        self.plan = run_plan(asdict(cfg), dataset_hash=self.data.plan.dataset_hash)
         self._build_model()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_ap, self.bad_steps = -1.0, 0   # best monitored score: val AP, or -(val distillation loss)
+        self.started = time.perf_counter()   # results.csv "time": seconds of training, resumed runs included
+        self.time_offset = run_outputs.last_time(self.out / run_outputs.RESULTS) if cfg.resume else 0.0
         if self.recipe.monitor == "kd_loss":
             self.best_ap = float("-inf")
         self.since_reload_best: float | None = None   # best AP since the last stage-2 reload
@@ -111,9 +116,9 @@ class Trainer:
     def _run_dir(self, cfg: TrainConfig) -> TrainConfig:
         """This run's directory (rank 0 picks and creates it, every rank uses that one) and the
         checkpoint ``--resume`` names (a run directory means its last.pth)."""
-        folder, ckpt = run_outputs.run_dir(cfg.out, cfg.name, cfg.exist_ok, cfg.resume)
-        if self.dist.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
+        ckpt = str(run_outputs.resolve_resume(cfg.resume)[1]) if cfg.resume else None
+        # rank 0 claims the folder (held until it exits: two runs never share one), every rank uses it
+        folder = run_outputs.run_dir(cfg.out, cfg.name, cfg.exist_ok, cfg.resume)[0] if self.dist.is_main else None
         folder = all_gather_objects(str(folder))[0]
         if cfg.teacher_precision == "auto" and self.dist.device.type != "cuda":
             # a timed choice could differ between ranks and between a run and its resume; on a CPU the
@@ -158,7 +163,7 @@ class Trainer:
             if self.dist.enabled else student
         # labels are checked on the loader's host batch in train_step: no per-step device sync
         self.criterion = criterion
-        self.postprocessor = PostProcessor(num_classes=self.data.num_classes)
+        self.postprocessor = protocol_postprocessor(self.data.num_classes)   # official: boxes not clipped
         extra = {"encoder.feature_projector": dsi} if dsi else {"codetr": codetr} if codetr else None
         self.optimizer = build_optimizer(detector, self.recipe, extra=extra)
         self.schedule = build_schedule(self.optimizer, self.recipe, self.steps_per_epoch)
@@ -185,7 +190,7 @@ class Trainer:
                     epoch=self.epoch, step_in_epoch=self.step_in_epoch, global_step=self.global_step,
                     best_ap=self.best_ap, bad_steps=self.bad_steps, since_reload_best=self.since_reload_best,
                     world_size=self.dist.world_size,
-                    batch_size=self.batch_size)
+                    batch_size=self.batch_size, plan=self.plan)
 
     def save(self, name: str) -> None:
         # every rank's RNG (each draws its own denoising noise); rank 0 writes them all
@@ -207,6 +212,7 @@ class Trainer:
     def _resume(self, path: str) -> None:
         state = load_train_state(path, self.cfg.size)
         check_resume_layout(path, state, self.dist.world_size, self.batch_size)
+        check_resume_plan(path, state, self.plan)
         self._load_weights_and_optimizer(state)
         if self.gam is not None and state.get("gam"):
             self.gam.load_state_dict(state["gam"])
@@ -337,7 +343,8 @@ class Trainer:
     def _log_step(self, losses: dict, samples_per_s: float) -> dict:
         values = reduce_mean(losses)
         values.update(lr=self.optimizer.param_groups[0]["lr"], distill_weight=self._distill_weight(),
-                      samples_per_s=samples_per_s, **self.data.teacher_stats())
+                      ema_decay=self.ema.decay_at(self.ema.updates), samples_per_s=samples_per_s,
+                      **self.data.teacher_stats())
         if self.gam is not None and self.gam.last_share is not None:
             values["aifi_grad_share"] = float(self.gam.last_share)
         if self.dist.is_main:
@@ -422,7 +429,7 @@ class Trainer:
             log.info("stage 2: AP %.4f is no new best: reloaded best_stg1.pth, EMA decay %.4f", ap, self.ema.decay)
         self.save("last.pth")
         if self.dist.is_main and self.cfg.save_period and self.epoch % self.cfg.save_period == 0:
-            shutil.copyfile(self.out / "last.pth", self.out / f"epoch{self.epoch}.pth")
+            copy_checkpoint(self.out / "last.pth", self.out / f"epoch{self.epoch}.pth")   # atomic: never half a file
         barrier()   # every rank may read best_stg1.pth at the stage switch
 
     def save_weights(self, name: str) -> None:
@@ -435,14 +442,13 @@ class Trainer:
                         self.out / name)
 
     def _results_row(self, stats: dict) -> None:
-        """results.csv / results.png: the epoch-mean final-layer losses, lr and the main val statistics
-        (every loss term stays in metrics.jsonl, every statistic in eval.jsonl)."""
+        """results.csv / results.png (layout: ``run_outputs.results_row``; every loss term stays in
+        metrics.jsonl, every statistic in eval.jsonl)."""
         train = getattr(self, "epoch_means", None)
         means = train.means() if train is not None else {}
-        row = {"epoch": self.epoch, **{f"train/{k}": v for k, v in means.items() if run_outputs.is_main_loss(k)},
-               "lr": means.get("lr", self.optimizer.param_groups[0]["lr"]),
-               **{f"val/{k}": stats[k] for k in run_outputs.VAL_COLUMNS if k in stats}}
-        run_outputs.Results(self.out).add(row)
+        seconds = self.time_offset + time.perf_counter() - self.started
+        run_outputs.Results(self.out).add(run_outputs.results_row(
+            self.epoch, means, self.optimizer.param_groups[0]["lr"], stats, seconds))
 
     def _stop_early(self) -> bool:
         """--patience: no val AP improvement for that many epochs (read from results.csv, so a
@@ -484,8 +490,8 @@ class Trainer:
             for tmp in remove_stale_temps(self.out):   # a save killed half-way in an earlier run
                 log.info("removed the partial checkpoint %s of a killed run", tmp)
         if self.dist.is_main:
-            (self.out / "config.json").write_text(json.dumps(dict(config=asdict(self.cfg),
-                                                                  recipe=asdict(self.recipe)), indent=2))
+            with atomic_write(self.out / "config.json") as f:
+                f.write(json.dumps(dict(config=asdict(self.cfg), recipe=asdict(self.recipe)), indent=2).encode())
         if self.dist.is_main:
             self._summary()
         logging.captureWarnings(True)   # warnings.warn too goes through logging, above the bar
@@ -542,7 +548,7 @@ class Trainer:
             lines.append(f"teacher   {cfg.distill}: " + (cfg.teacher_checkpoint if cfg.distill == "codetr" else
                                                          f"{cfg.vfm}, weights {cfg.weights or 'RANDOM INIT'}"))
         if data.store is not None:
-            lines.append(f"cache     {cfg.cache}: {_coverage(data.store, self.epoch)}; hit rate in the bar")
+            lines.append(f"cache     {cfg.cache}: {data.store.coverage(self.epoch)}; hit rate in the bar")
         elif cfg.distill == "dsi":
             lines.append("cache     none: every view goes through the online teacher")
         lines.append(f"output    {self.out}" + (f" (resumed from {cfg.resume})" if cfg.resume else ""))
@@ -558,11 +564,6 @@ class Trainer:
                         cfg.train_split, cfg.val_split, overlap)
 
 
-def _coverage(store, epoch: int) -> str:
-    """How much of the plan the store holds: complete shards (of this epoch, for an exact store)."""
-    if hasattr(store, "shards_per_epoch"):   # teacher_cache.exact.ExactStore: one set of shards per epoch
-        return f"{len(store.completed_shards(epoch))}/{store.shards_per_epoch} shards of epoch {epoch} complete"
-    return f"{len(store.completed_shards())}/{store.num_shards} shards complete"
 
 
 class _Means:

@@ -44,11 +44,32 @@ def _launch(node_rank: int, port: int, cwd: Path, extra=()) -> subprocess.Popen:
 
 
 def _stop(procs) -> None:
+    """SIGKILL the agents and their workers: torchrun starts each worker in a session of its own, so
+    killing an agent's group alone leaves its worker running (and writing into the run folder)."""
+    workers = []
     for p in procs:
         if p.poll() is None:
+            children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True, text=True)
+            workers += [int(pid) for pid in children.stdout.split()]
             os.killpg(p.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     for p in procs:
         p.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper has released everything it held)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _leftovers(tag: str) -> list[str]:
@@ -102,5 +123,6 @@ def test_resume_checkpoint_missing_on_a_node_is_named(tmp_path):
     from pipeline.train.trainer import TrainConfig, Trainer
 
     missing = tmp_path / "runs" / "s" / "last.pth"
-    with pytest.raises(FileNotFoundError, match=rf"rank 0 on {socket.gethostname()}: --resume {missing} not found"):
+    with pytest.raises(FileNotFoundError, match=rf"rank 0 on {socket.gethostname()}: --resume {missing}: no such run "
+                                                "directory or checkpoint. In a multi-node run every node loads"):
         Trainer(TrainConfig(size="s", resume=str(missing), out=str(tmp_path / "out"), distill="none"))

@@ -34,7 +34,7 @@ def test_bad_inputs_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images"):
         list_images(tmp_path)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match="could not decode image .*broken.jpg"):
+    with pytest.raises(ValueError, match="broken.jpg: cannot decode image"):
         read_image(tmp_path / "broken.jpg")
 
 
@@ -56,7 +56,7 @@ def test_predict_onnx_on_real_images(taco_dir, tmp_path):
     out = tmp_path / "pred"
     records = main(["--onnx", str(onnx_path), "--input", str(taco_dir / "images"), "--limit", "3",
                     "--image-size", "64", "--score-thr", "0.0", "--batch", "2", "--out", str(out)])
-    assert len(records) == 3 and len(list(out.glob("*.jpg"))) == 3
+    assert len(records) == 3 and len(list(out.glob("val/*.jpg"))) == 3   # at their path under --input
     saved = json.loads((out / "detections.json").read_text())
     assert saved["backend"].startswith("onnxruntime fp32 cpu")
     w, h = read_image(records[0]["image"]).shape[-1:-3:-1]
@@ -69,5 +69,34 @@ def test_predict_rejects_two_models(tmp_path):
     img = tmp_path / "a.png"
     from torchvision.io import write_png
     write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(img))
-    with pytest.raises(SystemExit, match="one of"):
+    with pytest.raises(ValueError, match="one of"):
         main(["--onnx", "a.onnx", "--checkpoint", "b.pth", "--input", str(img), "--out", str(tmp_path)])
+
+
+def test_predict_keeps_every_output_apart_and_skips_a_bad_image(tmp_path, capsys):
+    """Faults: a.jpg and a.webp (or same-named files in two folders) were drawn to one file, one silently
+    overwritten; one corrupt image aborted the run with nothing written."""
+    from PIL import Image
+    from pipeline.cli import run
+
+    onnx_path = tmp_path / "tiny.onnx"
+    export_tiny(onnx_path)
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for name, shade in (("a.jpg", 40), ("a.webp", 120), ("sub/a.jpg", 200), ("b.png", 90)):
+        Image.new("RGB", (48, 32), (shade, shade, shade)).save(photos / name)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "pred"
+    args = ["--onnx", str(onnx_path), "--input", str(photos), "--image-size", "64", "--score-thr", "1.1", "--batch",
+            "2", "--out", str(out)]   # no box drawn: each output shows its own input's shade
+    assert run("jobs.predict", lambda argv: __import__("jobs.predict").predict.exit_code(main(argv)), args) == 1
+    drawn = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.suffix in (".jpg", ".png"))
+    assert drawn == ["a.jpg", "a.webp.jpg", "b.png", "sub/a.jpg"]
+    for name, shade in (("a.jpg", 40), ("a.webp.jpg", 120), ("sub/a.jpg", 200)):   # each its own input
+        assert abs(float(read_image(out / name)[:, 16, 24].float().mean()) - shade) < 8, name
+    saved = json.loads((out / "detections.json").read_text())["results"]
+    bad = [r for r in saved if "error" in r]
+    assert len(saved) == 5 and [r["image"] for r in bad] == [str(photos / "broken.jpg")]
+    assert "broken.jpg: cannot decode image" in bad[0]["error"]
+    err = capsys.readouterr().err
+    assert "jobs.predict: error: 1 of 5 images skipped" in err and "Traceback" not in err

@@ -1,7 +1,8 @@
-"""Shards, teacher store and training over object storage: a real S3 endpoint (moto's server) on
+"""Shards, teacher stores and training over object storage: a real S3 endpoint (moto's server) on
 127.0.0.1, reached through s3fs with the endpoint and credentials from the environment only."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -141,8 +142,94 @@ def test_shards_store_and_training_on_s3_resume_after_kills(s3, tmp_path, capsys
             assert secret not in fs.cat_file(path).decode()
 
 
+def _tiny_coco(root: Path, n: int = 16) -> str:
+    """The first ``n`` images of the embedded synthetic set as a COCO json."""
+    from pipeline.data import synthetic
+    src = synthetic.ensure_generated("train")
+    d = json.loads((src / "annotations" / "instances_train.json").read_text())
+    images = d["images"][:n]
+    ids = {i["id"] for i in images}
+    (root / "train").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for i in images:
+        (root / "train" / i["file_name"]).write_bytes((src / "train" / i["file_name"]).read_bytes())
+    ann = root / "annotations" / "instances_train.json"
+    ann.write_text(json.dumps({**d, "images": images,
+                               "annotations": [a for a in d["annotations"] if a["image_id"] in ids]}))
+    return str(ann)
+
+
+def _steps(data, epochs=(0, 1)) -> list:
+    """Per step: (epoch, step, indices, size, MixUp, per-sample image and teacher-target digests)."""
+    out = []
+    for epoch in epochs:
+        for images, targets, batch in data.train_loader(epoch):
+            teacher = data.teacher_targets(images, targets, batch)
+            out.append((epoch, batch.step, list(batch.indices), batch.size, batch.mixup,
+                        [hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in images],
+                        [hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in teacher]))
+    return out
+
+
+def _rank(rank, world, port, cfg, queue):
+    import torch
+
+    from pipeline.train.data import build_train_data
+    from pipeline.train.distributed import DistInfo
+    from pipeline.train.recipe import resolve_recipe
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    data = build_train_data(cfg, resolve_recipe("s", 4), dist, cfg.batch_size)
+    queue.put((rank, _steps(data), data.teacher_stats()["cache_exact_rate"]))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # a cache job to S3 and two spawned gloo ranks (~40 s on 2 cores)
+def test_streamed_shards_and_an_exact_store_on_s3_follow_the_plan(s3, tmp_path):
+    """Shards and the exact store both on S3: 2 gloo ranks streaming the shards (each with a DataLoader
+    worker and its own S3 client after the fork) see, step by step, the 1-rank map-style run's images
+    and teacher targets bit for bit, every target from the store."""
+    import torch.multiprocessing as mp
+
+    from pipeline.data.load import load_dataset
+    from pipeline.data.shards import write_shards
+    from pipeline.train.trainer import TrainConfig, Trainer
+
+    data = _tiny_coco(tmp_path / "coco")
+    shards, store = f"s3://{BUCKET}/shards/tiny", f"s3://{BUCKET}/cache/exact_tiny"
+    write_shards(load_dataset(data, split="train"), shards, shard_size=5, progress=False)
+    plan = ["--size", "s", "--epochs", "4", "--input-size", "128", "--global-batch", "4", "--mixup-group", "2",
+            "--steps-per-block", "2"]
+    assert cache_teacher.main(["--vfm", "dinov3_vits", "--data", data, "--out", store, *plan, "--only-epochs", "0",
+                               "1", "--no-ray", "--quiet"]) == 0
+
+    def cfg(source, batch, workers):
+        return TrainConfig(size="s", data=source, val_data="synthetic", epochs=4, img_size=128, batch_size=batch,
+                           mixup_group=2, vfm="dinov3_vits", cache=store, workers=workers, out=str(tmp_path / "run"))
+
+    mapped = Trainer(cfg(data, 4, 0)).data
+    want = _steps(mapped)
+    assert mapped.teacher_stats()["cache_exact_rate"] == 1.0 and len(want) == 8
+    ctx, port = mp.get_context("spawn"), _free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, cfg(shards, 2, 1), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r: (steps, rate) for r, steps, rate in (queue.get(timeout=300) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (r0, rate0), (r1, rate1) = got[0], got[1]
+    assert rate0 == rate1 == 1.0
+    for a, x, y in zip(want, r0, r1, strict=True):
+        assert a[:2] == x[:2] == y[:2] and a[3:5] == x[3:5] == y[3:5] and a[2] == x[2] + y[2]
+        assert a[5] == x[5] + y[5] and a[6] == x[6] + y[6]        # images and teacher targets, bit for bit
+
+
 def test_missing_bucket_is_named_with_the_fix(s3, capsys):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:   # one line through pipeline.cli.run, as every job's errors
         make_shards.main(["--out", "s3://no-such-bucket/shards", "--shard-size", "64"])
     assert "bucket 'no-such-bucket' does not exist" in str(e.value) and "aws s3 mb" in str(e.value)
     with pytest.raises(SystemExit) as e:

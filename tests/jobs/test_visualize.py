@@ -36,5 +36,5 @@ def test_visualize_writes_one_panel_per_image(tmp_path):
     assert all(w.stat().st_size > 5000 for w in written)
     weights_only = tmp_path / "best.pth"
     torch.save({"size": "s", "num_classes": 6, "ema": {"module": weights}}, weights_only)
-    with pytest.raises(SystemExit, match="no DSI projector"):
+    with pytest.raises(ValueError, match="no DSI projector"):
         main(["--checkpoint", str(weights_only), "--images", str(images)])

@@ -141,3 +141,23 @@ def test_ddp_gathers_all_ranks():
         mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), gt, preds, ids, out), nprocs=2)
         for rank in range(2):
             assert torch.load(f"{out}.{rank}") == expected
+
+
+def test_protocol_scores_boxes_unclipped_as_the_official_postprocessor():
+    """A box overhanging the image (x from -15 px) on a ground truth touching its edge: the official
+    protocol scores IoU 900/1350 = 0.67 (AP at 4 of the 10 thresholds), clipped to the image it is 1."""
+    from pipeline.data.evaluate import protocol_postprocessor
+    gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [0, 10, 30, 30], "area": 900,
+                           "iscrowd": 0}],
+          "categories": [{"id": 4, "name": "a"}]}
+    outputs = {"pred_logits": torch.tensor([[[5.0]]]), "pred_boxes": torch.tensor([[[0.075, 0.25, 0.45, 0.30]]])}
+    stats = {}
+    for clip in (False, True):
+        evaluator = CocoEvaluator(gt, label_to_category=[4])
+        post = protocol_postprocessor(1, clip_boxes=clip, num_top_queries=1)
+        evaluator.update(post(outputs, torch.tensor([[100, 100]])), [1])
+        stats[clip] = evaluator.summarize()
+    assert not protocol_postprocessor(3).clip_boxes and protocol_postprocessor(3).num_top_queries == 300
+    assert stats[False]["AP50"] == pytest.approx(1.0) and stats[False]["AP"] == pytest.approx(0.4)
+    assert stats[True]["AP"] == pytest.approx(1.0)

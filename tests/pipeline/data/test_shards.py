@@ -1,4 +1,4 @@
-"""WebDataset shards: exact round trip, DDP/worker splitting, equal-length epochs, joins, resume."""
+"""WebDataset shards: exact round trip, random access by byte range, DDP/worker splitting, resume."""
 import json
 import shutil
 from collections import Counter
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.dataset import DatasetError
 from pipeline.data.load import load_dataset
-from pipeline.data.shards import ShardIndex, ShardStream, member_stem, write_shards
+from pipeline.data.shards import ShardDataset, ShardStream, member_stem, write_shards
 from pipeline.data.synthetic import generate
 
 
@@ -51,9 +51,16 @@ def test_round_trip_is_exact_and_in_order(dataset, shards):
     assert [t["key"] for _, t in samples] == [dataset.key(i) for i in range(len(dataset))]
     for sample in samples:
         assert_same_sample(sample, dataset)
-    index = ShardIndex(shards)  # random access (mosaic partners) gives the same pixels
+    index = ShardDataset(shards)  # random access by byte range: the same samples and annotations
+    assert len(index) == len(dataset) and index.content_hash() == dataset.content_hash()
+    index.prefetch([22, 7, 0, 7])
+    assert index.io["requests"] == 3
     for i in (0, 7, 22):
-        assert torch.equal(index[i][0], dataset[i][0])
+        image, target = index[i]
+        assert_same_sample((image, {**target, "index": i}), dataset)
+        assert index.key(i) == dataset.key(i)
+        assert {k: index.annotation(i)[k] for k in dataset.annotation(i)} == dataset.annotation(i)
+    assert index.io["requests"] == 3                    # served from the prefetched bytes
 
 
 def test_keys_with_dots_survive():
@@ -74,30 +81,6 @@ def test_exact_mode_each_sample_once_over_ranks_and_workers(dataset, shards, exp
     assert Counter(seen) == Counter(dataset.key(i) for i in range(len(dataset)))
 
 
-def test_train_mode_equal_length_deterministic_epochs(dataset, shards):
-    def epoch_keys(rank, epoch, workers=2):
-        stream = ShardStream(shards, mode="train", rank=rank, world_size=2, seed=1, samples_per_epoch=9,
-                             shuffle_buffer=4)
-        stream.set_epoch(epoch)
-        return keys_of(stream, num_workers=workers)
-
-    r0, r1 = epoch_keys(0, 0), epoch_keys(1, 0)
-    assert len(r0) == len(r1) == 9
-    assert epoch_keys(0, 0) == r0  # deterministic per (seed, epoch, rank, worker)
-    assert epoch_keys(0, 1) != r0  # a new epoch draws a new stream
-    assert set(r0).isdisjoint(r1)  # ranks resample disjoint shard subsets within an epoch
-    assert len(epoch_keys(1, 2, workers=0)) == 9
-    default = ShardStream(shards, mode="train", rank=0, world_size=2)
-    assert default.epoch_length() == 12  # ceil(23 / 2)
-
-
-def test_join_attaches_side_input_by_key(dataset, shards):
-    features = {dataset.key(i): torch.full((2,), float(i)) for i in range(len(dataset))}
-    stream = ShardStream(shards, epoch=3, join=lambda key, t: {"teacher": features[key] + t["record_epoch"]})
-    for _, target in stream:
-        assert torch.equal(target["teacher"], torch.full((2,), float(target["index"] + 3)))
-
-
 def test_transform_and_remote_urls(dataset, shards):
     def flip(image, target):
         return image.flip(-1), target
@@ -111,7 +94,7 @@ def test_transform_and_remote_urls(dataset, shards):
     for (a, ta), (b, tb) in zip(piped, remote, strict=True):
         assert ta["key"] == tb["key"]
         assert torch.equal(a, b.flip(-1))
-    assert torch.equal(ShardIndex("memory://shards-test")[4][0], dataset[4][0])
+    assert torch.equal(ShardDataset("memory://shards-test")[4][0], dataset[4][0])
     with pytest.raises(DatasetError, match="manifest.json"):
         ShardStream("memory://nothing-here")
 
@@ -165,7 +148,7 @@ def test_stream_augmentation_equals_augmented_dataset(dataset, shards):
     mosaics = 0
     for epoch in (0, 1):
         stream = ShardStream(shards, rank=0, world_size=1, seed=5, policy=policy, epoch=epoch,
-                             shuffle_buffer=3)
+                             shuffle_shards=True)
         samples = list(stream)
         assert sorted(t["index"] for _, t in samples) == list(range(len(dataset)))
         for image, target in samples:

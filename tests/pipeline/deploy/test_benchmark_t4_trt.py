@@ -35,7 +35,7 @@ def test_job_without_tensorrt_says_so_and_falls_back(no_tensorrt, capsys):
 def test_predict_engine_without_tensorrt_is_a_clear_error(no_tensorrt, tmp_path):
     from jobs.predict import main
     (tmp_path / "x.jpg").write_bytes(b"")
-    with pytest.raises(SystemExit, match="cannot run the engine .*tensorrt is not installed"):
+    with pytest.raises(ValueError, match="--engine .*m.engine: cannot run it .*tensorrt is not installed"):
         main(["--engine", str(tmp_path / "m.engine"), "--input", str(tmp_path / "x.jpg"), "--out", str(tmp_path)])
 
 

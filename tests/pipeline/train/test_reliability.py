@@ -166,3 +166,84 @@ def test_resume_with_another_world_or_batch_size_is_refused(tmp_path):
         check_resume_layout("last.pth", state, 1, 4)
     with pytest.raises(ValueError, match="--batch-size 4 per process, this run has 8"):
         check_resume_layout("last.pth", state, 2, 8)
+
+
+# -- resume: a run directory, the run's plan kept, the --save-period copy whole ------------------------------
+def _yolo(root: Path, n: int = 4) -> Path:
+    from PIL import Image
+    import numpy as np
+
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/train\nnames: [a, b]\n")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(root / "images" / "train" / f"{i}.jpg")
+        (root / "labels" / "train" / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n1 0.3 0.3 0.2 0.2\n")
+    return root
+
+
+def _tiny(tmp_path, **kw) -> Trainer:
+    """The tiny run of :func:`_trainer` with any of its fields changed."""
+    kw = {"size": "s", "epochs": 2, "img_size": 128, "batch_size": 2, "workers": 0, "out": str(tmp_path / "run"),
+          "max_steps_per_epoch": 3, "distill": "none", **kw}
+    return Trainer(TrainConfig(**kw))
+
+
+def test_resume_takes_a_run_dir_and_refuses_a_command_that_changes_the_plan(tmp_path):
+    """Faults: `--resume RUN_DIR` (documented in --help) failed with "not found"; a resume with another
+    --img-size was accepted silently and rewrote config.json. Every field of the run's plan is checked,
+    and the training data's content: each change is named with the run's value."""
+    data = _yolo(tmp_path / "data")
+    trainer = _tiny(tmp_path, data=str(data))
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    trainer.save("last.pth")
+    run = trainer.out
+    resumed = _tiny(tmp_path, data=str(data), resume=str(run))   # the run directory: its last.pth
+    assert resumed.cfg.resume == str(run / "last.pth") and resumed.global_step == trainer.global_step
+    for change, named in ((dict(img_size=160), r"--img-size 160 \(the run: 128\)"),
+                          (dict(seed=1, epochs=3), r"--epochs 3 \(the run: 2\); --seed 1 \(the run: 0\)"),
+                          (dict(ema=False), r"--no-ema \(the run: default\)"),
+                          (dict(on_error="skip"), r"--on-error skip \(the run: raise\)")):
+        with pytest.raises(ValueError, match=f"--resume {run / 'last.pth'}: this command changes the run's plan: "
+                                             f"{named}. An exact resume .* --finetune"):
+            _tiny(tmp_path, data=str(data), resume=str(run), **change)
+    (data / "labels" / "train" / "0.txt").write_text("1 0.5 0.5 0.4 0.4\n")   # the same flags over edited labels
+    with pytest.raises(ValueError, match="changes the run's plan: the training data's content"):
+        _tiny(tmp_path, data=str(data), resume=str(run))
+    assert not (run / "config.json").exists()   # refused before anything is written
+
+
+# SIGXFSZ (the file-size limit, which CPython ignores by default) kills the run in the middle of the
+# --save-period copy, which follows the epoch-end last.pth
+SAVE_KILL = """
+import resource, signal, sys
+from pipeline.train import trainer as T
+save = T.Trainer.save
+def save(self, name, save=save):
+    save(self, name)
+    if name == "last.pth" and self.step_in_epoch == 0:
+        half = (self.out / name).stat().st_size // 2
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (half, half))
+T.Trainer.save = save
+from jobs.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_the_save_period_copy_never_leaves_a_truncated_checkpoint(tmp_path):
+    """Fault: `--save-period` copied last.pth with shutil.copyfile: a kill left a truncated epochN.pth under
+    its final name. The copy goes through detector.checkpoint.atomic_write, as every checkpoint file."""
+    from detector.checkpoint import read_checkpoint
+
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-c", SAVE_KILL, "--size", "s", "--epochs", "1", "--img-size", "128",
+                          "--batch-size", "2", "--max-steps-per-epoch", "1", "--workers", "0", "--distill", "none",
+                          "--eval-max-images", "2", "--save-period", "1", "--out", str(out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == -25, run.stderr[-3000:]   # SIGXFSZ: killed inside the copy
+    read_checkpoint(out / "last.pth")                   # whole
+    assert not (out / "epoch1.pth").exists(), "a truncated epoch1.pth under its final name"
+    assert list(out.glob(".epoch1.pth.tmp-*"))          # the partial copy, removed by the next save

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +19,56 @@ from pipeline.data.evaluate import CocoEvaluator
 from pipeline.train import outputs
 from pipeline.train.config import TrainConfig
 
+REPO = Path(__file__).resolve().parents[3]
 
-def test_run_dir_increments_like_ultralytics(tmp_path):
+
+def test_run_dir_increments_like_ultralytics(tmp_path, monkeypatch):
     base = tmp_path / "runs" / "exp"
-    assert outputs.increment_run_dir(base) == base                  # absent
-    base.mkdir(parents=True)
-    assert outputs.increment_run_dir(base) == base                  # empty: free
+    assert outputs.increment_run_dir(base) == base and base.is_dir()   # absent: created and held
+    assert outputs.increment_run_dir(base) == base                  # empty (held by this process): free
     (base / "last.pth").write_bytes(b"x")
     assert outputs.increment_run_dir(base) == tmp_path / "runs" / "exp2"
-    (tmp_path / "runs" / "exp2").mkdir()
-    assert outputs.increment_run_dir(base) == tmp_path / "runs" / "exp3"
+    (tmp_path / "runs" / "exp2" / "last.pth").write_bytes(b"x")
+    (tmp_path / "runs" / "exp3").write_text("a file")
+    assert outputs.increment_run_dir(base) == tmp_path / "runs" / "exp4"
     assert outputs.increment_run_dir(base, exist_ok=True) == base
+    monkeypatch.chdir(tmp_path)
     assert outputs.run_dir(None, "demo", False, None) == (outputs.Path("runs/demo"), None)
+
+
+HOLD = """
+import sys, time
+from pipeline.train import outputs
+print(outputs.run_dir(sys.argv[1], "x", False, sys.argv[2] if len(sys.argv) > 2 else None)[0], flush=True)
+time.sleep(60)
+"""
+
+
+def _holder(*args):
+    """Another process that claims a run folder (as jobs.train does at start) and keeps running."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, *map(str, args)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_two_runs_started_together_with_one_out_get_two_folders(tmp_path):
+    """Fault: both runs wrote into --out (two "epoch 0" rows in results.csv, one's checkpoints over the
+    other's). The first claims the folder until its process ends; the second gets out2; a resume or
+    --exist-ok into a folder a live run holds is refused, naming it; once the holder is gone it is free."""
+    out = tmp_path / "run"
+    proc, held = _holder(out)
+    try:
+        assert held == out
+        assert outputs.increment_run_dir(out) == tmp_path / "run2"        # empty, but held by the other run
+        with pytest.raises(outputs.RunDirError, match=r"--out .*run: a run \(pid \d+ on .*\) is writing into it"):
+            outputs.increment_run_dir(out, exist_ok=True)
+        (out / "last.pth").write_bytes(b"x")
+        with pytest.raises(outputs.RunDirError, match="--resume .*run: a run .* is writing into it"):
+            outputs.run_dir(None, "x", False, str(out))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert outputs.run_dir(None, "x", False, str(out)) == (out, str(out / "last.pth"))   # the holder was killed
 
 
 def test_resume_accepts_a_run_dir_or_a_checkpoint(tmp_path):

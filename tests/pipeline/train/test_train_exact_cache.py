@@ -1,23 +1,29 @@
-"""Training from an exact teacher store: the recipe's phases compressed into 4 epochs (mosaic,
+"""Training from an exact teacher store (Zarr): the recipe's phases compressed into 4 epochs (mosaic,
 multi-scale and MixUp all present) train with 100% exact hits on batches bit-identical to the run
-without a cache; a store still being written serves its epochs; damage is caught by the trainer
-and by --verify; a store from other teacher weights is refused at start; 1 and 2 gloo ranks see
-the same samples per step."""
+without a cache; WebDataset shards of the same data stream the same batches and targets (in worker
+processes, on 1 and 2 gloo ranks, and after a mid-epoch resume); plain Zarr reads the view the trainer
+receives; a store still being written serves its epochs; damage is caught by the trainer and by
+--verify and rebuilt by a re-run; a store from other teacher weights is refused at start."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import zarr
 
 from jobs import cache_teacher
 from pipeline.data import synthetic
+from pipeline.data.load import load_dataset
+from pipeline.data.shards import write_shards
 from pipeline.train.data import build_train_data
 from pipeline.train.distributed import DistInfo
 from pipeline.train.recipe import resolve_recipe
@@ -28,7 +34,7 @@ from teacher_cache.teachers import build_teacher
 
 EPOCHS, IMG, N = 4, 128, 16
 PLAN = ["--size", "s", "--epochs", str(EPOCHS), "--input-size", str(IMG), "--global-batch", "4",
-        "--mixup-group", "2", "--steps-per-shard", "2"]   # 4 steps per epoch -> 2 shard files per epoch
+        "--mixup-group", "2", "--steps-per-block", "2"]   # 4 steps per epoch -> 2 blocks per epoch
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +55,14 @@ def data(tmp_path_factory) -> str:
     return str(ann)
 
 
+@pytest.fixture(scope="module")
+def shards(data, tmp_path_factory) -> str:
+    """The same 16 images as WebDataset shards (5 per tar)."""
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(load_dataset(data, split="train"), out, shard_size=5, progress=False)
+    return str(out)
+
+
 def _cache(data, out, *extra) -> int:
     return cache_teacher.main(["--vfm", "dinov3_vits", "--data", data, "--out", str(out), *PLAN, "--no-ray",
                                "--quiet", *extra])
@@ -62,8 +76,9 @@ def store(data, tmp_path_factory) -> Path:
 
 
 def _cfg(tmp_path, data, **kw) -> TrainConfig:
-    kw = {"epochs": EPOCHS, "img_size": IMG, "vfm": "dinov3_vits", "batch_size": 4, "mixup_group": 2, **kw}
-    return TrainConfig(size="s", data=data, val_data="synthetic", workers=0, out=str(tmp_path / "run"), **kw)
+    kw = {"epochs": EPOCHS, "img_size": IMG, "vfm": "dinov3_vits", "batch_size": 4, "mixup_group": 2, "workers": 0,
+          **kw}
+    return TrainConfig(size="s", data=data, val_data="synthetic", out=str(tmp_path / "run"), **kw)
 
 
 def test_exact_cache_serves_every_target_on_the_batches_of_the_run_without_it(store, data, tmp_path):
@@ -90,6 +105,67 @@ def test_exact_cache_serves_every_target_on_the_batches_of_the_run_without_it(st
     assert torch.isfinite(losses["loss"])
 
 
+def _digest(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _steps(data, epochs=range(EPOCHS), start=0):
+    """Per step: (epoch, step, indices, size, MixUp, per-sample image / box / teacher-target digests)."""
+    out = []
+    for epoch in epochs:
+        for images, targets, batch in data.train_loader(epoch, start if epoch == epochs[0] else 0):
+            teacher = data.teacher_targets(images, targets, batch)
+            out.append((epoch, batch.step, list(batch.indices), batch.size, batch.mixup,
+                        [_digest(x) for x in images], [_digest(t["boxes"].as_subclass(torch.Tensor)) for t in targets],
+                        [_digest(x) for x in teacher]))
+    return out
+
+
+def test_streamed_shards_see_the_map_style_batches_and_every_exact_target(store, data, shards, tmp_path):
+    """Shards read by byte range in 2 DataLoader worker processes follow the plan: the same samples,
+    augmentations, sizes and MixUp partners at every step, joined to the exact store by (epoch, step, slot)."""
+    mapped = Trainer(_cfg(tmp_path, data, cache=str(store)))
+    streamed = Trainer(_cfg(tmp_path, shards, cache=str(store), workers=2))
+    assert len(streamed.data.train_items) == N and streamed.data.plan.hash() == mapped.data.plan.hash()
+    want = _steps(mapped.data)
+    assert mapped.data.teacher_stats()["cache_exact_rate"] == 1.0
+    assert _steps(streamed.data) == want
+    stats = streamed.data.teacher_stats()
+    assert stats["cache_exact_rate"] == 1.0 and stats["online_rate"] == 0.0
+
+
+def test_a_streamed_run_resumed_mid_epoch_continues_with_the_same_batches(store, shards, tmp_path):
+    first = Trainer(_cfg(tmp_path, shards, cache=str(store), checkpoint_every=1))
+    full = _steps(first.data, epochs=[1])
+    first.epoch = 1
+    for images, targets, batch in first.data.train_loader(1):
+        first.train_step(images, targets, batch)
+        first.step_in_epoch += 1
+        if first.step_in_epoch == 2:
+            break
+    first.out.mkdir(parents=True, exist_ok=True)
+    first.save("last.pth")
+    resumed = Trainer(_cfg(tmp_path, shards, cache=str(store), resume=str(first.out / "last.pth"), exist_ok=True))
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, 2)
+    assert _steps(resumed.data, epochs=[1], start=resumed.step_in_epoch) == full[2:]
+    assert resumed.data.teacher_stats()["cache_exact_rate"] == 1.0
+
+
+def test_plain_zarr_reads_the_view_the_trainer_receives(store, data, tmp_path):
+    trainer = Trainer(_cfg(tmp_path, data, cache=str(store)))
+    images, targets, batch = next(iter(trainer.data.train_loader(1)))
+    received = trainer.data.teacher_targets(images, targets, batch)
+    g = zarr.open_group(str(store), mode="r")                       # nothing of ours: plain Zarr v3
+    h, w = (int(v) for v in g["grid"][1, batch.step])
+    assert (h, w) == (batch.size // 32, batch.size // 32)
+    assert g["sample"][1, batch.step].tolist() == batch.indices
+    for slot in range(len(targets)):
+        tokens, scale = g[f"tokens/{h}x{w}"][1, batch.step, slot], g[f"scale/{h}x{w}"][1, batch.step, slot]
+        assert np.array_equal(tokens, targets[slot]["teacher_tokens"].numpy())
+        grid = torch.from_numpy(tokens.astype(np.float32) * scale.astype(np.float32)[:, None]).T.reshape(-1, h, w)
+        assert torch.equal(grid, received[slot])
+
+
 def test_a_run_behind_the_cache_job_uses_the_stored_epochs(data, tmp_path, monkeypatch):
     out = tmp_path / "partial"
     assert _cache(data, out, "--max-shards", "2") == 0      # epoch 0 only: the job is "still writing"
@@ -106,29 +182,45 @@ def test_a_run_behind_the_cache_job_uses_the_stored_epochs(data, tmp_path, monke
     assert trainer.data.teacher_stats()["cache_exact_rate"] == 1.0
 
 
-def test_damaged_views_are_caught_by_the_trainer_and_by_verify(store, data, tmp_path, capsys):
+def _step_objects(root: Path, epoch: int, step: int) -> tuple[Path, Path]:
+    """The tokens and scale shard objects of one step (in the array of the step's grid)."""
+    h, w = (int(v) for v in zarr.open_group(str(root), mode="r")["grid"][epoch, step])
+    return (root / "tokens" / f"{h}x{w}" / "c" / str(epoch) / str(step) / "0" / "0" / "0",
+            root / "scale" / f"{h}x{w}" / "c" / str(epoch) / str(step) / "0" / "0")
+
+
+def test_damaged_views_are_caught_by_the_trainer_and_by_verify_and_rebuilt(store, data, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(store, bad)
-    flipped, cut, gone = (bad / "e0000" / "s000000.bin", bad / "e0001" / "s000001.bin", bad / "e0002" / "s000000.bin")
+    flipped, cut, (_, gone) = _step_objects(bad, 0, 0)[0], _step_objects(bad, 1, 3)[0], _step_objects(bad, 2, 0)
     raw = bytearray(flipped.read_bytes())
-    raw[len(raw) // 2] ^= 0x55
+    raw[-50] ^= 0x55                                     # in the last view (slot 3)
     flipped.write_bytes(bytes(raw))
-    cut.write_bytes(cut.read_bytes()[:-50])
-    gone.unlink()
+    cut.write_bytes(cut.read_bytes()[:-50])             # truncated: the last view
+    gone.unlink()                                        # a deleted shard object: the step's 4 views
+    (bad / "done" / "e0002" / "b000001.json").unlink()   # an unmarked block: 2 steps not written
     trainer = Trainer(_cfg(tmp_path, data, cache=str(bad)))
     for epoch in range(3):
         for images, targets, batch in trainer.data.train_loader(epoch):
             trainer.data.teacher_targets(images, targets, batch)
     s = trainer.data.stats
-    assert s.damaged == 2 and s.missing == 8 and s.exact == 3 * 16 - 10   # 1 view each; a whole file
+    assert (s.damaged, s.missing, s.exact) == (6, 8, 3 * 16 - 14)
     strict = Trainer(_cfg(tmp_path, data, cache=str(bad), strict_cache=True))
-    with pytest.raises(StoreError, match=r"strict-cache.*e0000/s000000.bin view"):
+    with pytest.raises(StoreError, match=r"strict-cache.*\(epoch 0, step 0, slot 3\) in .*/c/0/0/0/0/0"):
         for images, targets, batch in strict.data.train_loader(0):
             pass
     assert _cache(data, bad, "--verify", "1") == 1
     err = capsys.readouterr().err
-    assert "e0000/s000000.bin" in err and "checksum" in err and "e0001/s000001.bin" in err and "truncated" in err
-    assert _cache(data, store, "--verify", "1") == 0          # the intact store passes, cosine included
+    assert "c/0/0/0/0/0: fails its CRC-32C" in err and "c/1/3/0/0/0: fails its CRC-32C" in err
+    assert "c/2/0/0/0: shard object missing" in err and "e0002/b000001" in err and "not written yet" in err
+    assert _cache(data, bad) == 0                        # a re-run re-checks every block and rebuilds the damaged
+    out = capsys.readouterr().out
+    assert out.count("rebuilt block") == 3 and "blocks: 4 written, 4 skipped" in out
+    assert _cache(data, bad, "--verify", "1") == 0 and _cache(data, store, "--verify", "1") == 0
+    for name in ("c/0/0/0/0/0", "c/1/3/0/0/0"):
+        a, b = [next(p for p in root.rglob("*") if str(p).endswith(name) and "tokens" in str(p))
+                for root in (store, bad)]
+        assert a.read_bytes() == b.read_bytes()          # the rebuilt objects are the originals
 
 
 def test_a_store_from_other_teacher_weights_is_refused_at_start(data, tmp_path):
@@ -150,50 +242,55 @@ def test_a_store_from_other_teacher_weights_is_refused_at_start(data, tmp_path):
             trainer.data.teacher_targets(images, targets, batch)
 
 
-def _rank_samples(rank, world, port, cfg, queue):
+def _rank_steps(rank, world, port, cfg, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     data = build_train_data(cfg, resolve_recipe("s", EPOCHS), dist, cfg.batch_size)
-    seen = []
-    for epoch in range(2):
-        for images, targets, batch in data.train_loader(epoch):
-            seen.append((epoch, batch.step, batch.indices, batch.size, batch.mixup, images.sum(dtype=torch.float64).item()))
-    queue.put((rank, seen))
+    queue.put((rank, _steps(data, epochs=range(2)), data.teacher_stats()["cache_exact_rate"]))
     torch.distributed.destroy_process_group()
 
 
-def test_one_and_two_gloo_ranks_see_the_same_samples(data, tmp_path):
-    def run(world, batch):
-        cfg = _cfg(tmp_path, data, distill="none", batch_size=batch)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank_samples, args=(r, world, port, cfg, queue)) for r in range(world)]
-        for p in procs:
-            p.start()
-        got = dict(queue.get(timeout=300) for _ in procs)
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
-        return [got[r] for r in range(world)]
+def _ranks(cfg, world: int):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_steps, args=(r, world, port, cfg, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {r: (steps, rate) for r, steps, rate in (queue.get(timeout=300) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [got[r] for r in range(world)]
 
-    (one,), two = run(1, 4), run(2, 2)
-    assert len(one) == 8
-    for a, r0, r1 in zip(one, *two, strict=True):
-        assert a[:2] == r0[:2] == r1[:2] and a[3:5] == r0[3:5] == r1[3:5]   # same step, size, MixUp
-        assert a[2] == r0[2] + r1[2]                                         # the same samples, in order
-        assert a[5] == pytest.approx(r0[5] + r1[5], rel=1e-12)               # the same images
+
+@pytest.mark.slow   # 3 spawned ranks (~40 s on 2 cores)
+def test_one_and_two_gloo_ranks_streamed_or_not_see_the_same_batches_and_targets(store, data, shards, tmp_path):
+    """Per global step: the same samples, sizes, MixUp, images, boxes and teacher targets, on 1 rank
+    (map-style) and on 2 gloo ranks (map-style and streamed from shards), every target from the store."""
+    one = build_train_data(_cfg(tmp_path, data, cache=str(store)), resolve_recipe("s", EPOCHS),
+                           DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 4)
+    want = _steps(one, epochs=range(2))
+    assert len(want) == 8
+    for source in (data, shards):
+        (r0, rate0), (r1, rate1) = _ranks(_cfg(tmp_path, source, cache=str(store), batch_size=2), 2)
+        assert rate0 == rate1 == 1.0
+        for a, x, y in zip(want, r0, r1, strict=True):
+            assert a[:2] == x[:2] == y[:2] and a[3:5] == x[3:5] == y[3:5]         # same step, size, MixUp
+            assert a[2] == x[2] + y[2]                                             # the same samples, in order
+            assert all(a[k] == x[k] + y[k] for k in (5, 6, 7))                     # images, boxes, targets
 
 
 def test_render_workers_store_the_same_bytes(store, data, tmp_path):
-    """--no-ray --render-workers 2 renders the steps ahead in worker processes: same views, same files."""
+    """--no-ray --render-workers 2 renders the steps ahead in worker processes: same views, same objects."""
     out = tmp_path / "workers"
     assert _cache(data, out, "--render-workers", "2") == 0
     files = sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert files and files == sorted(p.relative_to(out) for p in out.rglob("*")
                                      if p.is_file() and p.name != "manifest.json")
     for f in files:
-        assert (store / f).read_bytes() == (out / f).read_bytes(), f
+        if f.parts[0] != "done":   # the completion markers carry their write time
+            assert (store / f).read_bytes() == (out / f).read_bytes(), f
