@@ -129,7 +129,7 @@ def section_tests(p: dict, work: Path, rec: Records) -> None:
 
 def _cache_args(p: dict, store: Path, size: str) -> list[str]:
     return ["--out", str(store), "--size", size, "--epochs", "1", "--input-size", str(p["img"]),
-            "--global-batch", str(p["batch"]), "--batch-size", str(p["batch"]),
+            "--global-batch", str(p["batch"]), "--teacher-batch", str(p["batch"]),
             "--steps-per-block", str(p["train_steps"]), "--max-shards", "1", "--no-ray", "--quiet",
             "--render-workers", str(p["render_workers"]), "--precision", "bf16" if p["device"] == "cuda" else "fp32"]
 

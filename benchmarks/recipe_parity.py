@@ -101,7 +101,7 @@ def add_settings(p: argparse.ArgumentParser, **defaults) -> None:
     base = Settings(**defaults)
     for f in fields(Settings):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(base, f.name)), default=getattr(base, f.name),
-                       help=argparse.SUPPRESS if f.name in ("device", "threads") else f"(default: %(default)s)")
+                       help=argparse.SUPPRESS if f.name in ("device", "threads") else "(default: %(default)s)")
 
 
 def settings_of(args) -> Settings:
@@ -175,10 +175,10 @@ class _Reloads(logging.Handler):
         if msg.startswith("restored model") and "best_stg1" in str(record.args[0]):
             # its "epoch" is the next one to run: the trainer saves after moving its counter on
             best = read_checkpoint(record.args[0], "parity")["epoch"] - 1
-            self.pending = {"at": "switch", "epoch": self.trainer.epoch, "best_epoch": best}
+            self.pending = {"at": "switch", "epoch": self.trainer.progress.epoch, "best_epoch": best}
             self.events.append(self.pending)
         elif msg.startswith("stage 2:") and self.pending is not None:   # a reload after an evaluated epoch
-            self.pending.update(at="after", epoch=self.trainer.epoch - 1)
+            self.pending.update(at="after", epoch=self.trainer.progress.epoch - 1)
 
 
 def run_ours(s: Settings, data: str, distill: str, seed: int, out: Path, cache: str | None = None) -> dict:

@@ -33,7 +33,6 @@ from torchvision.io import ImageReadMode, decode_image
 from pipeline.data.load import load_dataset
 from pipeline.data.plan import PlanCollate, PlanDataset, PlanSampler, TrainPlan
 from pipeline.data.shards import ShardDataset, ShardStream, write_shards
-from pipeline.train.data import ExactJoin
 from pipeline.train.recipe import resolve_recipe
 from teacher_cache.exact import ExactStore
 
@@ -107,7 +106,6 @@ def main() -> None:
     plan = TrainPlan.from_recipe(recipe, len(dataset), args.batch, dataset_hash=dataset.content_hash())
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(dataset, tmp, shard_size=args.shard_size, progress=False)
-        shards = ShardDataset(tmp)
         shard_bytes = sum(p.stat().st_size for p in Path(tmp).glob("shard-*.tar"))
         n = plan.steps_per_epoch * plan.global_batch
         for epoch, name in ((recipe.policy_epochs[0], "mosaic epoch"), (recipe.policy_epochs[1], "no-mosaic epoch")):
@@ -127,7 +125,7 @@ def main() -> None:
             reader = ShardDataset(tmp)
             store = fill_exact_store(f"{tmp}/exact_{epoch}", plan, epoch)
             store = ExactStore.open(store.url)
-            epoch_batches(reader, plan, epoch, 0, join=ExactJoin(store, strict=True))
+            epoch_batches(reader, plan, epoch, 0, join=store.join(strict=True))
             steps = plan.steps_per_epoch
             mosaics = sum(plan.aug_record(epoch, i, dataset.annotation(i)).mosaic is not None
                           for s in range(steps) for i in plan.samples(epoch, s))

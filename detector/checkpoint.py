@@ -173,7 +173,7 @@ def detect_size(state: Mapping[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def _extract_state(obj, path: str):
+def extract_state(obj, path: str):
     if isinstance(obj, Mapping):
         ema = obj.get("ema")
         if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):
@@ -206,7 +206,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, dsi: Optional[torc
     if getattr(model, "deployed", False):
         raise RuntimeError("load_checkpoint needs the training form of the model; call deploy() after loading")
     obj = read_checkpoint(path)
-    state, source = _extract_state(obj, path)
+    state, source = extract_state(obj, path)
     state = _strip_module(state)
 
     own = model.state_dict()
@@ -293,7 +293,7 @@ def detector_from_checkpoint(path: str | Path, dsi: Optional[torch.nn.Module] = 
         fields_ = {k: tuple(v) if isinstance(v, list) else v for k, v in obj["config"].items()}
         model = RTDETRv4(DetectorConfig(**{**fields_, **overrides}))
     else:
-        state = _strip_module(_extract_state(obj, path)[0])
+        state = _strip_module(extract_state(obj, path)[0])
         size = detect_size(state)
         if size is None:
             raise ValueError(f"{path}: cannot tell the RT-DETRv4 size from its weights (no HGNetv2 stem / encoder "

@@ -3,6 +3,11 @@
     python -m jobs.cache_teacher --vfm dinov3_vitb [--data SRC] [--out STORE] [--size l] [--epochs N]
         [--global-batch 32] [--weights PATH] [--address RAY_ADDRESS] [--verify [N]] [--views K]
 
+The plan flags (--size --epochs --img-size --seed --train-split --data --mixup-group --global-batch
+--max-steps-per-epoch) are jobs.train's, with its defaults: without --data both jobs run the same demo
+plan of the embedded data set. The store records them; `jobs.train --cache STORE` adopts them, and
+`jobs.train` without --cache finds a matching store in cache/ by itself.
+
 Exact mode (the default): every step of the run's training plan (pipeline/data/plan.py) is
 rendered as the trainer will render it (decode, augment, collate, multi-scale resize, MixUp) and
 the teacher's output for each (epoch, sample) is stored at that step's grid (a Zarr v3 store),
@@ -32,6 +37,7 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.cli import parser
+from pipeline.train.config import PLAN_FIELDS, Given, add_config_flags, plan_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,30 +50,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(without it the teacher is randomly initialised: demos and tests only)")
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help='extra timm create_model kwargs as JSON, e.g. \'{"depth": 2}\' (tests)')
-    p.add_argument("--data", default="synthetic", help="YOLO dir, COCO json/dir, or 'synthetic'")
-    p.add_argument("--train-split", "--split", dest="split", default="train",
-                   help="the split jobs.train trains on (its --train-split): a YOLO yaml key or a COCO split")
-    p.add_argument("--out", help="store path or fsspec URL (None: cache/<vfm>_<size>_<input-size>_<plan hash>, "
-                   "budget mode cache/<vfm>_k<K>_<input-size>)")
+    p.add_argument("--out", help="store path or fsspec URL (None: cache/<vfm>_<size>_<img-size>_<plan hash>, "
+                   "budget mode cache/<vfm>_k<K>_<img-size>; jobs.train finds a store in cache/ by itself)")
     p.add_argument("--views", type=int, help="BUDGET MODE: K cached views per augmented phase, replayed "
                    "(departs from the recipe: fewer distinct views, resized grids, MixUp online). "
                    "None: exact mode, every step of the training plan")
-    p.add_argument("--global-batch", type=int, help="exact mode: the runs' total batch, per-rank --batch-size x "
-                   "world size (None: the recipe's, 32)")
-    p.add_argument("--mixup-group", type=int, help="exact mode: the runs' MixUp group (jobs.train --mixup-group, which "
-                   "defaults to min(4, per-rank batch); None: min(4, global batch))")
     p.add_argument("--steps-per-block", type=int, default=8, help="exact mode: global steps written and marked "
                    "complete together (each step's views are one Zarr shard object per array)")
     p.add_argument("--only-epochs", type=int, nargs="+", metavar="E", help="exact mode: precompute only these "
                    "epochs (e.g. split the run over several jobs); None: every epoch, in order")
-    p.add_argument("--size", choices=["s", "m", "l", "x"], default="l",
-                   help="model size whose stop-epoch policy the views follow")
-    p.add_argument("--epochs", type=int, help="the trainer's --epochs (None: the size's recipe; a shortened "
-                   "recipe has other phases)")
     p.add_argument("--policy-epochs", type=int, nargs=3, metavar=("E0", "E1", "E2"),
-                   help="override the phase boundaries (None: from --size/--epochs)")
-    p.add_argument("--seed", type=int, default=0, help="augmentation seed shared with the trainer")
-    p.add_argument("--input-size", type=int, default=640, help="detector input size (teacher sees /2)")
+                   help="budget mode: override the phase boundaries (None: from --size/--epochs)")
+    add_config_flags(p, only=PLAN_FIELDS)   # jobs.train's plan flags: same names, defaults and help
+    p.add_argument("--input-size", dest="img_size", type=int, action=Given, help=argparse.SUPPRESS)   # old names
+    p.add_argument("--split", dest="train_split", action=Given, help=argparse.SUPPRESS)
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="bf16 only if its measured cosine to fp32 is >= 0.999 (auto: bf16 on CUDA, and on a CPU "
                         "with native bf16 where it measures faster)")
@@ -75,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stored grid dtype. int8: per-token absmax (cosine ~0.99997); int4 (exact mode only): "
                         "rotated 4-bit Lloyd-Max codes, half the bytes (cosine ~0.995)")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard")
-    p.add_argument("--batch-size", type=int, help="views per teacher batch (None: 64 GPU, 8 CPU)")
+    p.add_argument("--teacher-batch", type=int, help="views per teacher forward (None: 64 GPU, 8 CPU)")
     p.add_argument("--workers", type=int, help="teacher actors (None: one per GPU, else 1)")
     p.add_argument("--render-workers", type=int, default=1, help="CPU actors decoding + augmenting (with --no-ray in exact mode: worker processes rendering ahead)")
     p.add_argument("--address", help="Ray cluster address (None: start a local cluster)")
@@ -125,13 +121,16 @@ def check_free_space(out: str, needed: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)   # before the heavy imports: --help answers at once
+    cfg = plan_config(args)   # the plan flags as jobs.train resolves them (the demo plan without --data)
     import torch
 
     from pipeline.data.dataset import DatasetError
     from pipeline.data.load import load_dataset
     from pipeline.data.policy import AugPolicy
     from pipeline.data.views import Renderer
-    from pipeline.train.recipe import resolve_recipe
+    from pipeline.train.config import demo_note
+    from pipeline.train.data import plan_fields
+    from pipeline.train.recipe import recipe_from_config
     from teacher_cache.precompute import TeacherSpec, pending_shards, precompute, verify
     from teacher_cache.store import Store, StoreError
     from teacher_cache.teachers import resolve_arch
@@ -146,26 +145,31 @@ def main(argv=None) -> int:
         resolve_arch(args.vfm)
         # every image is decoded once before any teacher work; --on-error skip leaves the bad ones out, as
         # `jobs.train --on-error skip` does: the same data set, content hash and plan
-        dataset = load_dataset(args.data, split=args.split, on_error=args.on_error, verify_images=True)
+        dataset = load_dataset(cfg.data, split=cfg.train_split, on_error=args.on_error, verify_images=True)
         if dataset.bad_samples:
             print(dataset.bad_samples.summary(), file=sys.stderr)
     except (ValueError, DatasetError) as e:
         fail(str(e))
-    recipe = resolve_recipe(args.size, args.epochs)   # the same phases as `jobs.train --epochs N`
+    recipe = recipe_from_config(cfg)   # the recipe `jobs.train` resolves from the same flags
+    if cfg.data is None:
+        print(demo_note(cfg), file=sys.stderr)
     if args.views is None:
-        return exact_main(args, dataset, recipe)
+        return exact_main(args, cfg, dataset, recipe)
     print(f"budget mode (--views {args.views}): each sample replays one of {args.views} cached views per "
           "augmented phase instead of a fresh draw each epoch, grids are resized to the multi-scale size, and "
           "MixUp batches run the online teacher during training", file=sys.stderr)
     epochs = tuple(args.policy_epochs or recipe.policy_epochs)
-    plan = ViewPlan(seed=args.seed, k=args.views, epochs=epochs, input_size=(args.input_size,) * 2)
-    policy = replace(AugPolicy.from_recipe(recipe, output_size=args.input_size), epochs=epochs)
-    renderer = Renderer(args.data, args.split, plan, policy, on_error=args.on_error, skip=dataset.skipped)
+    plan = ViewPlan(seed=cfg.seed, k=args.views, epochs=epochs, input_size=(cfg.img_size,) * 2)
+    policy = replace(AugPolicy.from_recipe(recipe, output_size=cfg.img_size), epochs=epochs)
+    renderer = Renderer(cfg.data, cfg.train_split, plan, policy, on_error=args.on_error, skip=dataset.skipped)
     # the precision is measured on real (rendered) views of this dataset
     teacher, fingerprint, device = build_measured_teacher(args, lambda: torch.stack(
         [torch.from_numpy(renderer(i, 0)) for i in range(min(4, len(dataset)))]).float() / 255)
-    out = args.out or f"cache/{args.vfm}_k{args.views}_{args.input_size}"
-    grid = (args.input_size // 32, args.input_size // 32)
+    out = args.out or f"cache/{args.vfm}_k{args.views}_{cfg.img_size}"
+    grid = (cfg.img_size // 32, cfg.img_size // 32)
+    # what a run adopts from this store (a budget store serves any seed, batch and MixUp group)
+    run_plan = {k: v for k, v in plan_fields(cfg, 1).items() if k in ("size", "epochs", "img_size", "train_split",
+                                                                      "data")}
     keys = [dataset.key(i) for i in range(len(dataset))]
     try:
         if args.verify is not None:  # never creates anything
@@ -175,8 +179,8 @@ def main(argv=None) -> int:
         else:
             store = Store.create(out, teacher=fingerprint, plan=plan, dataset_hash=dataset.content_hash(),
                                  keys=keys, grid=grid, dtype=args.dtype, shard_size=args.shard_size,
-                                 extra={"policy": policy.to_dict(), "data": str(args.data),
-                                        "split": args.split})
+                                 extra={"policy": policy.to_dict(), "data": str(cfg.data),
+                                        "split": cfg.train_split, "run_plan": run_plan})
     except StoreError as e:
         fail(str(e))
     if args.verify is not None:
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
     print(f"teacher {args.vfm} ({teacher.arch}, {teacher.precision}) -> {out}: {len(dataset)} images x "
           f"{plan.num_views} views, {store.num_shards} shards ({todo} to do)", file=sys.stderr)
     report = precompute(store, spec, renderer, executor=executor,
-                        batch_size=args.batch_size or (64 if device == "cuda" else 8),
+                        batch_size=args.teacher_batch or (64 if device == "cuda" else 8),
                         num_workers=args.workers, render_workers=args.render_workers,
                         max_shards=args.max_shards, progress=not args.quiet, recheck=True)
     print(report.summary())
@@ -228,12 +232,13 @@ def build_measured_teacher(args, probe_images):
     return teacher, fingerprint, device
 
 
-def exact_main(args, dataset, recipe) -> int:
+def exact_main(args, cfg, dataset, recipe) -> int:
     """Exact mode: every (epoch, step, slot) of the plan, written in plan order."""
     import numpy as np
     import torch
 
-    from pipeline.data.plan import PlanRenderer, TrainPlan
+    from pipeline.data.plan import PlanRenderer
+    from pipeline.train.data import DEFAULT_STORE_DIR, build_plan, plan_fields
     from teacher_cache.exact import ExactStore
     from teacher_cache.precompute import TeacherSpec, pending_blocks, precompute_exact, verify_exact
     from teacher_cache.store import StoreError
@@ -241,30 +246,31 @@ def exact_main(args, dataset, recipe) -> int:
     if args.policy_epochs:
         fail("--policy-epochs is budget mode only: exact mode follows the recipe of --size/--epochs, as jobs.train")
     try:
-        plan = TrainPlan.from_recipe(recipe, len(dataset), args.global_batch or recipe.total_batch_size,
-                                     seed=args.seed, base_size=args.input_size, mixup_group=args.mixup_group,
-                                     dataset_hash=dataset.content_hash())
+        run_plan = plan_fields(cfg, 1)   # the plan flags' values, recorded: jobs.train --cache adopts them
+        plan = build_plan(cfg, recipe, len(dataset), run_plan["global_batch"], dataset.content_hash())
     except ValueError as e:
         fail(str(e))
+    steps = min(plan.steps_per_epoch, cfg.max_steps_per_epoch or plan.steps_per_epoch)
     bad = [e for e in args.only_epochs or () if not 0 <= e < plan.epochs]
     if bad:
         fail(f"--only-epochs {bad} outside the plan's epochs 0..{plan.epochs - 1}")
-    renderer = PlanRenderer(args.data, args.split, plan, on_error=args.on_error, skip=dataset.skipped)
+    renderer = PlanRenderer(cfg.data, cfg.train_split, plan, on_error=args.on_error, skip=dataset.skipped)
     teacher, fingerprint, device = build_measured_teacher(   # precision measured on the plan's first step
         args, lambda: torch.from_numpy(renderer(0, 0)[0][:4]))
-    out = args.out or f"cache/{args.vfm}_{args.size}_{args.input_size}_{plan.hash()}"
+    out = args.out or f"{DEFAULT_STORE_DIR}/{args.vfm}_{cfg.size}_{cfg.img_size}_{plan.hash()}"
     try:
         if args.verify is not None:  # never creates anything
             store = ExactStore.open(out)
             store.check_teacher(fingerprint)
-            store.check_plan(plan.hash())
+            store.check_plan(plan)
         else:
             store = ExactStore.create(out, teacher=fingerprint, plan=plan.to_dict(), plan_hash=plan.hash(),
-                                      epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch,
+                                      epochs=plan.epochs, steps_per_epoch=steps,
                                       global_batch=plan.global_batch, dataset_hash=plan.dataset_hash,
                                       keys=[dataset.key(i) for i in range(len(dataset))], grids=plan.grids(),
                                       dtype=args.dtype, steps_per_block=args.steps_per_block,
-                                      extra={"data": str(args.data), "split": args.split})
+                                      extra={"data": str(cfg.data), "split": cfg.train_split,
+                                             "run_plan": run_plan})
     except (StoreError, ValueError) as e:
         fail(str(e))
     if args.verify is not None:
@@ -279,10 +285,11 @@ def exact_main(args, dataset, recipe) -> int:
     executor = "local" if args.no_ray else _init_ray(args)
     spec = TeacherSpec(args.vfm, args.weights, teacher.precision, args.model_kwargs)
     print(f"teacher {args.vfm} ({teacher.arch}, {teacher.precision}) -> {out}: exact mode, {plan.describe()}; "
+          f"{'' if steps == plan.steps_per_epoch else f'its first {steps} steps per epoch (--max-steps-per-epoch); '}"
           f"{store.blocks_per_epoch} blocks of {store.steps_per_block} steps per epoch, {len(todo)} to do; the "
           "written ones are read back first", file=sys.stderr)
     report = precompute_exact(store, spec, renderer, executor=executor,
-                              batch_size=args.batch_size or (64 if device == "cuda" else 8),
+                              batch_size=args.teacher_batch or (64 if device == "cuda" else 8),
                               num_workers=args.workers, render_workers=args.render_workers,
                               max_blocks=args.max_shards, progress=not args.quiet, epochs=args.only_epochs,
                               on_epoch=lambda e: print(f"epoch {e} complete", file=sys.stderr), recheck=True)

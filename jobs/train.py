@@ -1,8 +1,11 @@
 """Train RT-DETRv4: ``torchrun [--nproc_per_node N] -m jobs.train --size {s,m,l,x} [...]``.
 
-With no ``--data`` it trains on the embedded synthetic dataset; with no ``--weights`` the DINOv3
-teacher is randomly initialised (a loud warning says so): both only for trying the pipeline out.
-Every flag is a field of ``pipeline.train.config.TrainConfig``.
+With no ``--data`` it trains the demo plan of the embedded synthetic dataset (the one
+``jobs.cache_teacher`` builds without ``--data``); with no ``--weights`` the DINOv3 teacher is
+randomly initialised (a loud warning says so): both only for trying the pipeline out. ``--cache
+STORE`` adopts the store's plan; with no ``--cache`` a store in cache/ matching the run's plan and
+teacher is used (``--cache none``: the online teacher). Every flag is a field of
+``pipeline.train.config.TrainConfig``.
 """
 from __future__ import annotations
 

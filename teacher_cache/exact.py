@@ -39,6 +39,7 @@ import zarr
 from .layout import (Location, ShardReader, StoreError, StoreMismatch, ViewError, checked_array, chunk_payload,
                      keys_sha256, read_json, require_bucket, teacher_identity, view_array, write_json, zarr_store)
 from .quantize import DTYPES, INT4_GROUP, bytes_per_token
+from .stores import missing_manifest
 
 __all__ = ["ExactStore", "StoreError", "StoreMismatch", "ViewError", "FORMAT"]
 
@@ -172,8 +173,7 @@ class ExactStore:
         loc = Location(url, storage_options)
         require_bucket(loc.fs, loc.root, url)
         if not loc.fs.exists(loc.path("manifest.json")):
-            raise StoreError(f"no teacher-feature store at {url} (manifest.json missing): run "
-                             "`python -m jobs.cache_teacher --out ...` first")
+            raise missing_manifest(url)
         manifest = read_json(loc.fs, loc.path("manifest.json"))
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{url} is not a {FORMAT} v{FORMAT_VERSION} store (format "
@@ -207,12 +207,35 @@ class ExactStore:
                              f"this run's teacher is {fingerprint.get('weights_source')}")
                 self._mismatch(what, mine[field], theirs[field])
 
-    def check_plan(self, plan_hash: str) -> None:
+    def check_plan(self, plan) -> None:
+        """Refuse another training plan (a ``TrainPlan`` or its hash), naming the fields that differ."""
+        plan_hash = plan if isinstance(plan, str) else plan.hash()
         if plan_hash != self.plan_hash:
             stored = self.manifest["plan"]
-            self._mismatch("training plan (dataset, recipe, seed, global batch, MixUp group; see the store's "
-                           f"manifest.json 'plan': {', '.join(f'{k}={stored[k]}' for k in ('num_samples', 'global_batch', 'epochs', 'seed', 'mixup_group') if k in stored)})",
-                           self.plan_hash, plan_hash)
+            mine = {} if isinstance(plan, str) else plan.to_dict()
+            diff = sorted(k for k in mine if k in stored and stored[k] != mine[k])
+            what = (f"{', '.join(f'{k} {stored[k]!r}' for k in diff)}; this run has "
+                    f"{', '.join(f'{k} {mine[k]!r}' for k in diff)}") if diff else \
+                ", ".join(f"{k}={stored[k]}" for k in ("num_samples", "global_batch", "epochs", "seed", "mixup_group")
+                          if k in stored)
+            self._mismatch(f"training plan ({what}; see the store's manifest.json 'plan')", self.plan_hash, plan_hash)
+
+    # --- the store interface (teacher_cache.stores.TeacherStore) ------------------------------
+    @property
+    def precision(self) -> str:
+        return self.manifest["teacher"]["protocol"]["precision"]
+
+    def recorded_plan(self) -> dict | None:
+        return self.manifest.get("run_plan")
+
+    def describe(self) -> str:
+        return f"exact teacher store {self.url} (plan {self.plan_hash}, {self.steps_per_epoch} steps per epoch stored)"
+
+    def join(self, strict: bool) -> "ExactJoin":
+        return ExactJoin(self, strict)
+
+    def view_args(self, epoch: int, index: int) -> None:
+        return None   # the plan's own record: the store holds the teacher's output on exactly that view
 
     # --- writing --------------------------------------------------------------------------
     def write_block(self, epoch: int, block: int, views: list[tuple]) -> int:
@@ -410,3 +433,25 @@ class ExactStore:
         got = self.read_many([(epoch, s, k, None) for s in steps for k in range(self.global_batch)])
         problems = [str(g) for g in got if isinstance(g, ViewError)]
         return problems, len(got) - len(problems)
+
+
+class ExactJoin:
+    """Worker side of an exact store: the quantised view of each ``(epoch, step, slot, index)`` item
+    (``teacher_tokens``/``teacher_scale``/``teacher_grid``, CPU), or why it is not served
+    (``teacher_miss``: "missing" or "damaged"; with ``strict`` a StoreError stops the run)."""
+
+    def __init__(self, store: ExactStore, strict: bool):
+        self.store, self.strict = store, strict
+
+    def __call__(self, items) -> list[dict]:
+        out = []
+        for got in self.store.read_many(items):   # the views of a rank's step, read in one concurrent round
+            if isinstance(got, ViewError):
+                if self.strict:
+                    raise StoreError(f"--strict-cache: {got}") from None
+                out.append({"teacher_miss": got.kind, "teacher_error": str(got)})
+                continue
+            tokens, scale, grid = got
+            out.append({"teacher_tokens": tokens, "teacher_grid": grid}
+                       | ({} if scale is None else {"teacher_scale": scale}))
+        return out

@@ -236,17 +236,6 @@ def write_json(fs, path: str, obj) -> None:
         fs.pipe_file(path, data)
 
 
-def store_format(url: str) -> str | None:
-    """The ``format`` a store's manifest declares (a clear error when there is no manifest)."""
-    loc = Location(url)
-    require_bucket(loc.fs, loc.root, url)
-    try:
-        return read_json(loc.fs, loc.path("manifest.json")).get("format")
-    except FileNotFoundError:
-        raise StoreError(f"no teacher-feature store at {url} (manifest.json missing): run "
-                         "`python -m jobs.cache_teacher --out ...` first") from None
-
-
 def require_bucket(fs, root: str, url: str) -> None:
     """On object storage, fail early, naming the URL and what to check, when the bucket is missing
     or the endpoint is unreachable (instead of creating a bucket or a deep botocore trace).

@@ -18,6 +18,7 @@ that reads as complete.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -27,6 +28,7 @@ import zarr
 
 from .layout import (Location, ShardReader, StoreError, StoreMismatch, ViewError, keys_sha256, read_json,
                      require_bucket, teacher_identity, view_array, write_json, zarr_store)
+from .stores import missing_manifest
 from .views import ViewPlan
 
 __all__ = ["Store", "StoreError", "StoreMismatch", "ViewError", "BUDGET_DTYPES"]
@@ -130,8 +132,7 @@ class Store:
         loc = Location(url)
         require_bucket(loc.fs, loc.root, url)
         if not loc.fs.exists(loc.path("manifest.json")):
-            raise StoreError(f"no teacher-feature store at {url} (manifest.json missing): run "
-                             "`python -m jobs.cache_teacher --out ...` first")
+            raise missing_manifest(url)
         manifest = read_json(loc.fs, loc.path("manifest.json"))
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{url} is not a {FORMAT} v{FORMAT_VERSION} store")
@@ -173,6 +174,45 @@ class Store:
             self._mismatch("dataset", self.manifest["dataset"]["hash"], dataset_hash)
         if dtype is not None and dtype != self.dtype:
             self._mismatch("dtype", self.dtype, dtype)
+
+    # --- the store interface (teacher_cache.stores.TeacherStore) ------------------------------
+    @property
+    def precision(self) -> str:
+        return self.manifest["teacher"]["protocol"]["precision"]
+
+    def check_teacher(self, fingerprint: dict) -> None:
+        self.check_compatible(teacher=fingerprint)
+
+    def check_plan(self, plan) -> None:
+        """Refuse a training plan (``pipeline.data.plan.TrainPlan``) whose input size, data set,
+        augmentation phases or policy differ from the views this store replays."""
+        self.check_compatible(input_size=plan.base_size, dataset_hash=plan.dataset_hash or None)
+        policy = json.loads(json.dumps(plan.policy.to_dict()))   # tuples as the manifest's lists
+        if tuple(self.plan.epochs) != tuple(policy["epochs"]):
+            self._mismatch("augmentation phases", tuple(self.plan.epochs), tuple(policy["epochs"]))
+        stored = self.manifest.get("policy")
+        if stored is not None:
+            diff = sorted(k for k in stored if stored[k] != policy.get(k))
+            if diff:
+                self._mismatch(f"augmentation policy ({', '.join(diff)})", {k: stored[k] for k in diff},
+                               {k: policy.get(k) for k in diff})
+
+    def recorded_plan(self) -> dict | None:
+        return self.manifest.get("run_plan")
+
+    def describe(self) -> str:
+        k = self.plan.k
+        return (f"budget teacher store {self.url} (--views {k}): each sample replays one of {k} cached views per "
+                "phase instead of a fresh draw each epoch, its grid is resized to the step's size, and MixUp "
+                "batches run the online teacher; an exact store (jobs.cache_teacher without --views) serves the "
+                "recipe as is")
+
+    def join(self, strict: bool) -> "BudgetJoin":
+        return BudgetJoin(self, strict)
+
+    def view_args(self, epoch: int, index: int) -> dict:
+        """The record arguments of the cached view the view plan assigns to (epoch, index)."""
+        return self.plan.record_args(self.plan.view_for(epoch, index))
 
     def _check_resume(self, wanted: dict) -> None:
         """Resuming must continue the very same store (precision included)."""
@@ -337,3 +377,24 @@ class Store:
             if grid is not None:
                 out[row], present[row] = grid, True
         return out, present
+
+
+class BudgetJoin:
+    """Worker side of a budget store: per ``(epoch, step, slot, index)`` item the planned view's grid
+    (``teacher``), or why it is not served (``teacher_miss``: a view failing its CRC-32C is "damaged";
+    with ``strict`` a StoreError stops the run)."""
+
+    def __init__(self, store: Store, strict: bool):
+        self.store, self.strict = store, strict
+        self.plan = store.plan
+
+    def __call__(self, items) -> list[dict]:
+        out = []
+        for epoch, _, _, index in items:
+            try:
+                out.append({"teacher": self.store.read(index, self.plan.view_for(epoch, index))})
+            except ViewError as e:
+                if self.strict:
+                    raise StoreError(f"--strict-cache: {e}") from None
+                out.append({"teacher": None, "teacher_miss": e.kind, "teacher_error": str(e)})
+        return out

@@ -159,7 +159,7 @@ def plain_record(index: int, flip: bool, size=640) -> AugRecord:
     return AugRecord(index=index, size=size, flip=bool(flip))
 
 
-def _photometric(image: torch.Tensor, p: dict) -> torch.Tensor:
+def photometric(image: torch.Tensor, p: dict) -> torch.Tensor:
     """RandomPhotometricDistort.transform with recorded factors, on a PIL image as in the official
     pipeline (its ops run on PIL): PIL's integer kernels are exact, fast, and thread-count independent."""
     pil = F.to_pil_image(image)
@@ -223,7 +223,7 @@ def apply_record(record: AugRecord | dict, image, target: dict, load_partner=Non
             raise ValueError("this record has a mosaic: pass load_partner=dataset.__getitem__")
         image, boxes, labels = _mosaic(rec.mosaic, image, boxes, labels, load_partner)
     if rec.photometric is not None:
-        image = tv_tensors.Image(_photometric(image.as_subclass(torch.Tensor), rec.photometric))
+        image = tv_tensors.Image(photometric(image.as_subclass(torch.Tensor), rec.photometric))
     if rec.zoom_out is not None:
         image, boxes = F.pad(image, rec.zoom_out, fill=0), F.pad(boxes, rec.zoom_out)
     if rec.iou_crop is not None:

@@ -10,8 +10,10 @@ For epoch ``e`` and global step ``s`` the plan fixes
   batch from ``default_rng([seed, e, s, _STEP])``;
 - the MixUp partners: ``roll(1)`` inside consecutive groups of ``mixup_group`` slots.
 
-Rank ``r`` of ``W`` takes the contiguous slots ``[r*G/W, (r+1)*G/W)``, which must be whole MixUp
-groups: any such world size sees the same samples, images and targets at every step.
+Rank ``r`` of ``W`` takes the contiguous slots ``[r*G/W, (r+1)*G/W)`` (``W`` must divide ``G``); when a
+MixUp group straddles two ranks, a rank also loads the partner its first slot of the group mixes
+with (one extra sample, dropped after the blend), so any such world size sees the same samples,
+images and targets at every step.
 Departures from the official per-rank draws are listed (with why they are equivalent in
 distribution) in docs/cache.md, section "The training plan".
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import Sampler
 
 from pipeline.data.augment import AugRecord, apply_record, sample_record
-from pipeline.data.collate import BatchRecord, apply_batch_record, multiscale_sizes
+from pipeline.data.collate import BatchRecord, apply_batch_record, mix_pairs, multiscale_sizes
 from pipeline.data.load import load_dataset
 from pipeline.data.policy import AugPolicy
 
@@ -115,19 +117,22 @@ class TrainPlan:
 
     # --- ranks ----------------------------------------------------------------------------
     def check_world(self, world_size: int) -> int:
-        """The per-rank batch for ``world_size``; a clear error when it does not split the global
-        batch into whole MixUp groups (then the ranks could not see the plan's batches)."""
-        g, G = self.mixup_group, self.global_batch
-        if world_size <= 0 or G % world_size or (G // world_size) % g:
-            ok = [w for w in range(1, G + 1) if G % w == 0 and (G // w) % g == 0]
-            raise ValueError(f"world size {world_size} does not split the plan's global batch {G} into whole "
-                             f"MixUp groups of {g}: use a world size in {ok}, or another --batch-size / "
-                             "--mixup-group (which makes another plan)")
+        """The per-rank batch for ``world_size``; a clear error when it does not divide the global batch."""
+        G = self.global_batch
+        if world_size <= 0 or G % world_size:
+            ok = [w for w in range(1, G + 1) if G % w == 0]
+            raise ValueError(f"world size {world_size} does not divide the plan's global batch {G}: use a world "
+                             f"size in {ok} (--nproc_per_node), or another --global-batch (which makes another plan)")
         return G // world_size
 
     def rank_slots(self, rank: int, world_size: int) -> range:
         b = self.check_world(world_size)
         return range(rank * b, (rank + 1) * b)
+
+    def partner(self, slot: int) -> int:
+        """The slot whose image ``slot`` is blended with in a MixUp step: ``roll(1)`` inside its group."""
+        start = slot - slot % self.mixup_group
+        return start + (slot - start - 1) % self.mixup_group
 
     # --- identity -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -151,7 +156,7 @@ def _order(n: int, seed: int) -> list[int]:
 def resume_compatible(saved: dict, plan: TrainPlan, world_size: int) -> str | None:
     """Why a checkpoint's plan (``TrainPlan.to_dict()`` saved with it) cannot continue as ``plan`` on
     ``world_size`` ranks, or None when it can: the step index is global, so any world size that
-    splits the same global batch into whole MixUp groups resumes the very same sample stream."""
+    divides the same global batch resumes the very same sample stream."""
     if saved.get("version") != PLAN_VERSION:
         return f"the checkpoint's training plan has version {saved.get('version')}, this code {PLAN_VERSION}"
     mine = plan.to_dict()
@@ -168,22 +173,23 @@ def resume_compatible(saved: dict, plan: TrainPlan, world_size: int) -> str | No
 # --- the data path ---------------------------------------------------------------------------
 class PlanSampler(Sampler):
     """Batch sampler of one rank: per global step, its slots as ``(epoch, step, slot, index)``
-    items; :meth:`set_epoch` can start part-way through an epoch (mid-epoch resume)."""
+    items, then (in MixUp steps) the partners of its slots that another rank holds;
+    :meth:`set_epoch` can start part-way through an epoch (mid-epoch resume)."""
 
     def __init__(self, plan: TrainPlan, rank: int = 0, world_size: int = 1):
         self.plan, self.slots = plan, plan.rank_slots(rank, world_size)
+        # partners of this rank's slots held by another rank (a MixUp group straddling ranks): loaded too
+        self.extra = sorted({plan.partner(k) for k in self.slots} - set(self.slots))
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start = epoch, start_step
 
-    def batches_per_epoch(self) -> int:
-        return self.plan.steps_per_epoch
-
     def __iter__(self):
         order, G = self.plan.order(self.epoch), self.plan.global_batch
         for step in range(self.start, self.plan.steps_per_epoch):
-            yield [(self.epoch, step, slot, order[step * G + slot]) for slot in self.slots]
+            extra = self.extra if self.extra and self.plan.step_record(self.epoch, step).mixup else []
+            yield [(self.epoch, step, slot, order[step * G + slot]) for slot in [*self.slots, *extra]]
 
     def __len__(self) -> int:
         return self.plan.steps_per_epoch - self.start
@@ -191,15 +197,17 @@ class PlanSampler(Sampler):
 
 class PlanDataset(torch.utils.data.Dataset):
     """Item ``(epoch, step, slot, index)`` -> the planned sample (``convert=True``: model input).
-    ``join(epoch, step, slot, index) -> dict`` (e.g. the cached teacher view) is merged into the
-    target; ``record_fn(epoch, index, annotation)`` replaces the plan's fresh record (budget stores
+    ``join(items) -> [dict]`` (the cached teacher views of a store's ``join``) is merged into the
+    targets; ``record_fn(epoch, index, annotation)`` replaces the plan's fresh record (budget stores
     replay a cached view's). A DataLoader fetches a rank's step at once (:meth:`__getitems__`): a
     data set with ``prefetch`` (shards on object storage) reads the step's samples in one round and
-    their mosaic partners in a second, and a join with ``many`` reads the step's views in one."""
+    their mosaic partners in a second, and the join reads the step's views in one."""
 
-    def __init__(self, dataset, plan: TrainPlan, join=None, convert: bool = True, record_fn=None):
+    def __init__(self, dataset, plan: TrainPlan, join=None, convert: bool = True, record_fn=None,
+                 slots: range | None = None):
         self.dataset, self.plan, self.join, self.convert = dataset, plan, join, convert
         self.record_fn = record_fn or plan.aug_record
+        self.slots = slots   # the rank's slots: only they are joined (a partner from another rank is not)
 
     def __len__(self):
         return len(self.dataset)
@@ -214,11 +222,11 @@ class PlanDataset(torch.utils.data.Dataset):
         records = [self.record_fn(epoch, index, self.dataset.annotation(index)) for epoch, _, _, index in items]
         if prefetch is not None:
             prefetch([p for r in records if r.mosaic is not None for p in r.mosaic["partners"]])
-        if self.join is None:
-            extras = [{}] * len(items)
-        else:
-            many = getattr(self.join, "many", None)
-            extras = many(items) if many is not None else [self.join(*item) for item in items]
+        extras = [{}] * len(items)
+        joined = [r for r, item in enumerate(items) if self.slots is None or item[2] in self.slots]
+        if self.join is not None and joined:
+            for r, extra in zip(joined, self.join([items[r] for r in joined])):
+                extras[r] = extra
         return [self._sample(item, record, extra) for item, record, extra in zip(items, records, extras)]
 
     def _sample(self, item, record, extra: dict):
@@ -233,10 +241,11 @@ class PlanDataset(torch.utils.data.Dataset):
 
 class PlanCollate:
     """Stack a rank's slots of one step and replay the step's MixUp and multi-scale resize.
-    Returns ``(images [B,3,S,S], targets, BatchRecord)`` (``indices``/``keys``: this rank's)."""
+    Returns ``(images [B,3,S,S], targets, BatchRecord)`` (``indices``/``keys``: this rank's); the
+    partners another rank holds (items after the rank's slots) are blended in, then dropped."""
 
-    def __init__(self, plan: TrainPlan):
-        self.plan = plan
+    def __init__(self, plan: TrainPlan, slots: range | None = None):
+        self.plan, self.slots = plan, slots   # None: the whole global batch (the cache job)
 
     def __call__(self, items):
         images = torch.stack([x[0] for x in items])
@@ -246,8 +255,16 @@ class PlanCollate:
         if len(steps) != 1:
             raise ValueError(f"a plan batch must hold one step, got steps {sorted(steps)}")
         batch = self.plan.step_record(epoch, steps.pop())
-        batch.indices, batch.keys = [t["index"] for t in targets], [t.get("key", "") for t in targets]
-        images, targets = apply_batch_record(batch, images, targets)
+        slots = [t["slot"] for t in targets]
+        own = [i for i, k in enumerate(slots) if self.slots is None or k in self.slots]
+        batch.indices, batch.keys = [targets[i]["index"] for i in own], [targets[i].get("key", "") for i in own]
+        if batch.mixup:
+            where = {k: i for i, k in enumerate(slots)}
+            images, targets = mix_pairs(images, targets, own, [where[self.plan.partner(slots[i])] for i in own],
+                                        batch.beta)
+        elif len(own) != len(targets):
+            images, targets = images[own], [targets[i] for i in own]
+        images, targets = apply_batch_record(replace(batch, mixup=False), images, targets)
         return images, targets, batch
 
 

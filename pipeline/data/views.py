@@ -1,7 +1,8 @@
 """The planned-view mapping: which augmentation record a cached teacher view stands for.
 
 The cache job renders the view the plan assigns to (epoch, index) and the trainer replays the very
-same record, so the two must share this one mapping for a cached grid to match its image.
+same record (a budget store's ``view_args`` through :func:`view_record`), so the two must share
+this one mapping for a cached grid to match its image.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from pipeline.data.augment import AugRecord, apply_record, plain_record, sample_record
 from pipeline.data.load import load_dataset
 from pipeline.data.policy import AugPolicy
-from teacher_cache.store import Store
 from teacher_cache.views import ViewPlan
 
 
@@ -22,21 +22,6 @@ def view_record(view_args: dict, index: int, policy: AugPolicy, dataset_len: int
     if view_args["kind"] == "plain":
         return plain_record(index, view_args["flip"], size)
     return sample_record(view_args["seed"], view_args["epoch"], index, policy, dataset_len, image_size, boxes)
-
-
-class PlannedViews:
-    """The record of the cached view that the plan assigns to (epoch, index), and its grid."""
-
-    def __init__(self, plan: ViewPlan, store: Store, policy: AugPolicy, size: int, num_samples: int):
-        self.plan, self.store, self.policy, self.size, self.n = plan, store, policy, size, num_samples
-
-    def record(self, epoch: int, index: int, width: int, height: int, boxes):
-        view = self.plan.view_for(epoch, index)
-        return view_record(self.plan.record_args(view), index, self.policy, self.n, (width, height), boxes, self.size)
-
-    def grid(self, key: str, epoch: int, index: int):
-        return self.store.read(key, self.plan.view_for(epoch, index))
-
 
 
 class Renderer:

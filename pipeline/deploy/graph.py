@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from detector import build_detector
-from detector.checkpoint import _extract_state, detect_size, load_checkpoint, read_checkpoint
+from detector.checkpoint import extract_state, detect_size, load_checkpoint, read_checkpoint
 from detector.deploy import DeployModel, export_onnx
 from detector.postprocessor import PostProcessor
 from pipeline.deploy import onnx_check
@@ -47,7 +47,7 @@ def build_deploy_graph(size: str, checkpoint: str | None = None, num_classes: in
 def _checkpoint_state(path: str) -> dict:
     """The detector weights of a checkpoint (EMA preferred); a file that is not a readable, intact
     RT-DETRv4 checkpoint is refused with its path named (detector.checkpoint.read_checkpoint)."""
-    state, _ = _extract_state(read_checkpoint(path), str(path))
+    state, _ = extract_state(read_checkpoint(path), str(path))
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

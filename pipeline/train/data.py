@@ -1,6 +1,6 @@
-"""Everything the trainer reads: the augmented training stream, the validation set, and the
-teacher grid for every training batch (from the cache where it holds the view, the online
-teacher otherwise).
+"""Everything the trainer reads: the run's plan (its global batch, a teacher store's recorded plan
+adopted), the augmented training stream, the validation set, and the teacher grid for every training
+batch (from the store where it holds the view, the online teacher otherwise).
 
 The training data follows the world-size-independent :class:`TrainPlan` (pipeline/data/plan.py),
 with or without ``--cache``: the cache never changes what the student sees. ``--data`` is a
@@ -8,7 +8,8 @@ COCO/YOLO data set, or WebDataset shards (a ``jobs.make_shards`` output, local o
 by byte range through :class:`ShardDataset`: the same samples, so the same batches on every world
 size, and the same exact store.
 
-``--cache`` takes either store kind:
+``--cache`` (resolved by :func:`adopt_store_plan`: a store, one found in cache/, or none) takes either
+store kind through one interface (``teacher_cache.stores``):
 - exact (``jobs.cache_teacher`` default): the teacher's output for every (epoch, step, slot) of
   the plan, at the step's size, MixUp included; DataLoader workers read the quantised view
   (checksum checked), the training device dequantises it; nothing is resized;
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,59 +34,19 @@ from torch.utils.data import DataLoader
 from pipeline.data.augment import AugmentedDataset
 from pipeline.data.collate import stack_collate
 from pipeline.data.load import load_dataset
-from pipeline.data.policy import AugPolicy
 from pipeline.data.plan import PlanCollate, PlanDataset, PlanSampler, TrainPlan
-from pipeline.data.sampler import ResumableSampler
+from pipeline.data.sampler import EvalSampler
 from pipeline.data.shards import ShardDataset, is_shard_set
-from pipeline.data.views import PlannedViews
-from teacher_cache.exact import FORMAT as EXACT_FORMAT, ExactStore
-from teacher_cache.layout import StoreError, ViewError, store_format
+from pipeline.data.views import view_record
+from pipeline.train.distill import mode_of
+from pipeline.train.config import PLAN_FIELDS, TrainConfig, default_mixup_group, explicit
+from pipeline.train.recipe import Recipe, recipe_from_config
+from teacher_cache.layout import StoreError
 from teacher_cache.quantize import decode
-from teacher_cache.store import Store
+from teacher_cache.stores import TeacherStore, open_store
 from teacher_cache.teachers import Teacher, build_teacher, choose_precision
 
 log = logging.getLogger("rtdetrv4.train")
-
-
-class ExactJoin:
-    """Worker side of an exact store: the quantised view of (epoch, step, slot) joined to the
-    sample (``teacher_tokens``/``teacher_scale``, CPU, pinned by the loader), or why it is not."""
-
-    def __init__(self, store: ExactStore, strict: bool):
-        self.store, self.strict = store, strict
-
-    def __call__(self, epoch: int, step: int, slot: int, index: int) -> dict:
-        return self.many([(epoch, step, slot, index)])[0]
-
-    def many(self, items) -> list[dict]:
-        """The views of a rank's step, read in one concurrent round."""
-        out = []
-        for got in self.store.read_many(items):
-            if isinstance(got, ViewError):
-                if self.strict:
-                    raise StoreError(f"--strict-cache: {got}") from None
-                out.append({"teacher_miss": got.kind, "teacher_error": str(got)})
-                continue
-            tokens, scale, grid = got
-            out.append({"teacher_tokens": tokens, "teacher_grid": grid}
-                       | ({} if scale is None else {"teacher_scale": scale}))
-        return out
-
-
-class BudgetJoin:
-    """Worker side of a budget (``--views K``) store: the planned view's grid, or why it is not
-    served (a view failing its CRC-32C is "damaged": recomputed online, or ``--strict-cache`` stops)."""
-
-    def __init__(self, views: PlannedViews, strict: bool):
-        self.views, self.strict = views, strict
-
-    def __call__(self, key: str, epoch: int, index: int) -> dict:
-        try:
-            return {"teacher": self.views.grid(key, epoch, index)}
-        except ViewError as e:
-            if self.strict:
-                raise StoreError(f"--strict-cache: {e}") from None
-            return {"teacher": None, "teacher_miss": e.kind, "teacher_error": str(e)}
 
 
 @dataclass
@@ -119,7 +81,7 @@ class TrainData:
     val_dataset: object
     collate: PlanCollate
     sampler: PlanSampler
-    store: Store | ExactStore | None
+    store: TeacherStore | None
     device: torch.device
     batch_size: int
     batches_per_epoch: int
@@ -151,7 +113,7 @@ class TrainData:
     def val_loader(self, rank: int = 0, world_size: int = 1):
         """This rank's share of the validation set (the evaluator gathers and de-duplicates)."""
         items = AugmentedDataset(self.val_dataset, policy=None, size=self.cfg.img_size)
-        sampler = ResumableSampler(len(items), rank, world_size, shuffle=False, drop_last=False)
+        sampler = EvalSampler(len(items), rank, world_size)
         return DataLoader(items, batch_size=self.batch_size, sampler=sampler, num_workers=self.cfg.workers,
                           collate_fn=stack_collate, pin_memory=self.device.type == "cuda")
 
@@ -216,8 +178,8 @@ def _build_online_teacher(cfg, store, device: torch.device) -> Teacher:
     """The online teacher; with a cache it must be the store's teacher, in the store's precision."""
     teacher = build_teacher(cfg.vfm, weights=cfg.weights).to(device)
     if store is not None:
-        _check_store_teacher(store, teacher.fingerprint())
-        teacher.precision = store.manifest["teacher"]["protocol"]["precision"]
+        store.check_teacher(teacher.fingerprint())
+        teacher.precision = store.precision
     else:
         # its own generator: a draw from the global RNG here would start an uncached run from other
         # student weights than the same run with --cache (the student is built after the teacher)
@@ -228,14 +190,7 @@ def _build_online_teacher(cfg, store, device: torch.device) -> Teacher:
     return teacher
 
 
-def _check_store_teacher(store, fingerprint: dict) -> None:
-    if isinstance(store, ExactStore):
-        store.check_teacher(fingerprint)
-    else:
-        store.check_compatible(teacher=fingerprint)
-
-
-def _store_teacher(cfg, store) -> tuple[Teacher | None, str | None]:
+def _store_teacher(cfg, store: TeacherStore) -> tuple[Teacher | None, str | None]:
     """At start, not at the first miss: the online teacher checked against the store's (a store from
     other weights is refused); with no --weights on a store built from real weights, the reason
     why misses cannot be served (then any miss stops the run)."""
@@ -247,91 +202,191 @@ def _store_teacher(cfg, store) -> tuple[Teacher | None, str | None]:
         log.warning(why)
         return None, why
     teacher = build_teacher(cfg.vfm, weights=cfg.weights)   # on the CPU until the first miss
-    _check_store_teacher(store, teacher.fingerprint())
-    teacher.precision = stored["protocol"]["precision"]
+    store.check_teacher(teacher.fingerprint())
+    teacher.precision = store.precision
     return teacher, None
 
 
-def store_kind(url: str) -> str:
-    """"exact" or "budget", from the store's manifest (a clear error when there is none)."""
-    return "exact" if store_format(url) == EXACT_FORMAT else "budget"
+# --- the run's plan: its global batch, a store's recorded plan adopted ---------------------------
+DEFAULT_STORE_DIR = "cache"   # where jobs.cache_teacher writes a store without --out
+CONFLICTS = ("size", "epochs", "img_size", "seed", "global_batch", "mixup_group")   # plan flags a store fixes
 
 
-def _open_store(cfg, recipe, policy: AugPolicy, dataset_hash: str | None) -> Store:
-    """The budget store, refused by name when it was made for another teacher, resolution, dataset
-    or augmentation plan than this run's."""
-    store = Store.open(cfg.cache)
-    store.check_compatible(teacher=cfg.vfm, input_size=cfg.img_size, dataset_hash=dataset_hash)
-    fix = f"re-run jobs.cache_teacher with this run's --size {cfg.size} --epochs {recipe.epochs} --input-size {cfg.img_size}"
-    if tuple(store.plan.epochs) != tuple(recipe.policy_epochs):
-        raise ValueError(f"--cache {cfg.cache} was planned for augmentation phases {tuple(store.plan.epochs)} "
-                         f"but this run's recipe uses {tuple(recipe.policy_epochs)}: {fix}")
-    stored = store.manifest.get("policy")
-    if stored is not None and json.loads(json.dumps(stored)) != json.loads(json.dumps(policy.to_dict())):
-        diff = sorted(k for k in stored if stored[k] != json.loads(json.dumps(policy.to_dict())).get(k))
-        raise ValueError(f"--cache {cfg.cache} was rendered with another augmentation policy ({', '.join(diff)}): {fix}")
-    log.warning("--cache %s is a budget store (--views %d): each sample replays one of %d cached views per phase "
-                "instead of a fresh draw each epoch, its grid is resized to the step's size, and MixUp batches run "
-                "the online teacher; an exact store (jobs.cache_teacher without --views) serves the recipe as is",
-                cfg.cache, store.plan.k, store.plan.k)
-    return store
+def global_batch(cfg: TrainConfig, recipe: Recipe, world_size: int) -> int:
+    """The run's global batch: ``--batch-size`` x world size, else ``--global-batch``, else the
+    recipe's (its total, or its per-GPU batch x world size); both flags given must agree."""
+    if cfg.batch_size is not None:
+        total = cfg.batch_size * world_size
+        if cfg.global_batch is not None and cfg.global_batch != total:
+            raise ValueError(f"--batch-size {cfg.batch_size} per process x {world_size} process(es) is {total}, "
+                             f"but --global-batch is {cfg.global_batch}: give one of them")
+        return total
+    if cfg.global_batch is not None:
+        return cfg.global_batch
+    return recipe.batch_per_process * world_size if recipe.batch_per_process else recipe.total_batch_size
 
 
-def build_plan(cfg, recipe, num_samples: int, batch_size: int, world_size: int, dataset_hash: str) -> TrainPlan:
-    """The run's :class:`TrainPlan` (what ``jobs.cache_teacher`` must be given to build its store).
-    MixUp groups: ``--mixup-group``, else 4 (the official per-GPU batch of L/X on 8 GPUs), or the
-    per-rank batch when it is smaller (the official roll(1) never crosses a rank)."""
-    group = cfg.mixup_group if cfg.mixup_group is not None else min(4, batch_size)
-    return TrainPlan.from_recipe(recipe, num_samples, batch_size * world_size, seed=cfg.seed, base_size=cfg.img_size,
+def process_batch(cfg: TrainConfig, recipe: Recipe, world_size: int) -> int:
+    """The per-process batch: the global batch split over the ``world_size`` processes."""
+    total = global_batch(cfg, recipe, world_size)
+    if total <= 0 or total % world_size:
+        raise ValueError(f"the global batch {total} (--global-batch) does not split over {world_size} processes "
+                         f"(--nproc_per_node): use a world size that divides it, or another --global-batch")
+    return total // world_size
+
+
+def plan_fields(cfg: TrainConfig, world_size: int) -> dict:
+    """The run's values of the plan flags (PLAN_FIELDS), defaults resolved: what a store records."""
+    recipe = recipe_from_config(cfg)
+    total = global_batch(cfg, recipe, world_size)
+    return {"size": cfg.size, "epochs": recipe.epochs, "img_size": cfg.img_size, "seed": cfg.seed,
+            "train_split": cfg.train_split, "data": data_location(cfg.data),
+            "mixup_group": cfg.mixup_group if cfg.mixup_group is not None else default_mixup_group(total),
+            "global_batch": total, "max_steps_per_epoch": cfg.max_steps_per_epoch}
+
+
+def data_location(data: str | None) -> str | None:
+    """``--data`` as a store records it: None for the embedded data set, a URL as is, a local path
+    absolute (a run adopting it may start in another folder)."""
+    if data in (None, "synthetic"):
+        return None
+    return data if "://" in data else os.path.abspath(data)
+
+
+def _teacher_matches(cfg: TrainConfig, manifest: dict) -> bool:
+    teacher = manifest.get("teacher", {})
+    weights = os.path.basename(cfg.weights) if cfg.weights else "random-init"
+    return cfg.vfm in (teacher.get("name"), teacher.get("arch")) and teacher.get("weights_source") == weights
+
+
+def _serves(recorded: dict, mine: dict) -> bool:
+    """A store's recorded plan serves this run's: the same values, and at least the steps per epoch it runs."""
+    if any(mine.get(k) != v for k, v in recorded.items() if k != "max_steps_per_epoch"):
+        return False
+    held, used = recorded.get("max_steps_per_epoch"), mine.get("max_steps_per_epoch")
+    return held is None or (used is not None and used <= held)
+
+
+def find_store(cfg: TrainConfig, world_size: int, folder: str = DEFAULT_STORE_DIR) -> str | None:
+    """A store in ``folder`` (jobs.cache_teacher's default --out) whose recorded plan is this run's
+    and whose teacher is this run's --vfm/--weights (the newest when several), or None."""
+    if not os.path.isdir(folder):
+        return None
+    mine, found = plan_fields(cfg, world_size), []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        try:
+            with open(os.path.join(path, "manifest.json")) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            continue
+        recorded = manifest.get("run_plan")
+        if recorded and _teacher_matches(cfg, manifest) and _serves(recorded, mine):
+            found.append((os.path.getmtime(os.path.join(path, "manifest.json")), path))
+    return max(found)[1] if found else None
+
+
+def adopt_store_plan(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """Resolve ``--cache`` and adopt the store's plan.
+
+    ``none``: no store. Not given (a command line with --distill dsi): the store in cache/ whose plan
+    and teacher match this run's, logged, else the online teacher. A store: every plan flag the user
+    did not give takes the store's recorded value (size, epochs, image size, seed, global batch, MixUp
+    group, split, data, steps per epoch); a given flag that contradicts the store is refused, naming
+    the fields."""
+    if cfg.cache == "none":
+        return replace(cfg, cache=None)
+    if not mode_of(cfg).vfm_targets:   # a teacher store holds DSI targets only
+        return cfg
+    if cfg.cache is None:
+        if cfg.given is None or "cache" in cfg.given:   # a configuration from code, or --cache none again
+            return cfg
+        found = find_store(cfg, world_size)
+        if found is None:
+            log.info("no teacher store in %s/ matches this run's plan and teacher %s: the online teacher runs "
+                     "(jobs.cache_teacher with the same plan flags builds one; --cache none silences this)",
+                     DEFAULT_STORE_DIR, cfg.vfm)
+            return cfg
+        log.info("using teacher store %s (matches plan %s and teacher %s)", found,
+                 ", ".join(f"{k} {v}" for k, v in plan_fields(cfg, world_size).items() if v is not None), cfg.vfm)
+        return replace(cfg, cache=found)
+    recorded = open_store(cfg.cache).recorded_plan()
+    if recorded is None:   # a store from before plans were recorded: the flags must give its plan
+        log.warning("--cache %s records no plan flags (built by an older jobs.cache_teacher): this run's flags "
+                    "must give its plan", cfg.cache)
+        return cfg
+    given, mine = explicit(cfg), plan_fields(cfg, world_size)
+    if cfg.batch_size is not None:
+        given = given | {"global_batch"}
+    differ = [k for k in CONFLICTS if k in recorded and k in given and mine[k] != recorded[k]]
+    if differ:
+        raise ValueError(f"--cache {cfg.cache} was built for {', '.join(f'{k} {recorded[k]}' for k in differ)}; "
+                         f"this run has {', '.join(f'{k} {mine[k]}' for k in differ)}: drop the flags or rebuild "
+                         "the store with them")
+    adopted = {k: v for k, v in recorded.items() if k in PLAN_FIELDS and k not in given and k != "epochs"}
+    cfg = replace(cfg, **adopted)
+    if "epochs" in recorded and "epochs" not in given:   # None keeps "the recipe's epochs" (no shortened warm-up)
+        full = recipe_from_config(replace(cfg, epochs=None)).epochs
+        cfg = replace(cfg, epochs=None if recorded["epochs"] == full else recorded["epochs"])
+    if adopted:
+        log.info("--cache %s: adopted its plan (%s)", cfg.cache, ", ".join(f"{k} {v}" for k, v in adopted.items()))
+    return cfg
+
+
+# --- the data path ---------------------------------------------------------------------------------
+def build_plan(cfg, recipe, num_samples: int, total_batch: int, dataset_hash: str) -> TrainPlan:
+    """The run's :class:`TrainPlan` over a global batch of ``total_batch`` (what ``jobs.cache_teacher``
+    builds its store for); MixUp groups: ``--mixup-group``, else :func:`default_mixup_group`."""
+    group = cfg.mixup_group if cfg.mixup_group is not None else default_mixup_group(total_batch)
+    return TrainPlan.from_recipe(recipe, num_samples, total_batch, seed=cfg.seed, base_size=cfg.img_size,
                                  mixup_group=group, dataset_hash=dataset_hash)
 
 
-def _open_exact(cfg, plan: TrainPlan, dist) -> ExactStore:
-    store = ExactStore.open(cfg.cache)
+def _open_store(cfg, plan: TrainPlan, dist) -> TeacherStore:
+    """``--cache``, refused by name when it was made for another plan than this run's."""
+    store = open_store(cfg.cache)
     try:
-        store.check_plan(plan.hash())
+        store.check_plan(plan)
     except StoreError as e:
-        raise StoreError(f"{e}. This run's {plan.describe()}: build its store with `python -m jobs.cache_teacher "
-                         f"--size {cfg.size} --epochs {plan.epochs} --input-size {cfg.img_size} --seed {cfg.seed} "
-                         f"--global-batch {plan.global_batch} --mixup-group {plan.mixup_group}`") from None
-    done = [e for e in range(plan.epochs) if store.epoch_complete(e)]
+        raise StoreError(f"{e}. This run's {plan.describe()}: give --cache {cfg.cache} without the plan flags "
+                         "(the run adopts the store's), or build a store with this run's flags "
+                         "(`python -m jobs.cache_teacher` takes the same ones)") from None
     if dist.is_main:
-        log.info("exact teacher store %s: %d of %d epochs complete; views not stored yet run the online teacher",
-                 cfg.cache, len(done), plan.epochs)
+        log.info("%s; %s", store.describe(), store.coverage(0))
     return store
 
 
 def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
     size = cfg.img_size
-    policy = AugPolicy.from_recipe(recipe, output_size=size)
     streaming = is_shard_set(cfg.data)
     # --on-error skip decodes every image once here and trains without the bad ones, as jobs.cache_teacher
     # --on-error skip does: both see the same data set (content hash, plan). raise: the first bad one stops the run
     checked = dict(on_error=cfg.on_error, verify_images=cfg.on_error == "skip")
     val_dataset = load_dataset(cfg.val_data or (None if streaming else cfg.data), split=cfg.val_split, **checked)
     dataset = ShardDataset(cfg.data) if streaming else load_dataset(cfg.data, split=cfg.train_split, **checked)
-    plan = build_plan(cfg, recipe, len(dataset), batch_size, dist.world_size, dataset.content_hash())
+    plan = build_plan(cfg, recipe, len(dataset), batch_size * dist.world_size, dataset.content_hash())
     sampler = PlanSampler(plan, dist.rank, dist.world_size)
-    kind = store_kind(cfg.cache) if cfg.cache and cfg.distill == "dsi" else None
-    store = join = record_fn = None
-    if kind == "exact":
-        store = _open_exact(cfg, plan, dist)
-        join = ExactJoin(store, cfg.strict_cache)
-    elif kind == "budget":
-        store = _open_store(cfg, recipe, policy, plan.dataset_hash)
-        views = PlannedViews(store.plan, store, policy, size, len(dataset))
-        record_fn = lambda e, i, a: views.record(e, i, a["width"], a["height"], a["boxes"])  # noqa: E731
-        budget = BudgetJoin(views, cfg.strict_cache)
-        join = lambda e, s, k, i: budget(dataset.key(i), e, i)  # noqa: E731
-    train_items = PlanDataset(dataset, plan, join=join, record_fn=record_fn)
+    vfm_targets = mode_of(cfg).vfm_targets
+    use_store = cfg.cache not in (None, "none") and vfm_targets
+    store = _open_store(cfg, plan, dist) if use_store else None
+    join = record_fn = None
+    if store is not None:
+        join = store.join(cfg.strict_cache)
+
+        def record_fn(epoch, index, a):   # a budget store's replayed view, else the plan's fresh record
+            args = store.view_args(epoch, index)
+            if args is None:
+                return plan.aug_record(epoch, index, a)
+            return view_record(args, index, plan.policy, len(dataset), (a["width"], a["height"]), a["boxes"], size)
+    train_items = PlanDataset(dataset, plan, join=join, record_fn=record_fn, slots=sampler.slots)
     teacher = unavailable = None
-    if cfg.distill == "dsi":
+    if vfm_targets:
         if store is None:
             teacher = _build_online_teacher(cfg, None, dist.device)
         else:
             teacher, unavailable = _store_teacher(cfg, store)
     teacher_dim = store.dim if store is not None else teacher.embed_dim if teacher is not None else 0
-    return TrainData(cfg=cfg, train_items=train_items, val_dataset=val_dataset, collate=PlanCollate(plan),
-                     sampler=sampler, store=store, device=dist.device, batch_size=batch_size,
-                     batches_per_epoch=sampler.batches_per_epoch(), teacher_dim=teacher_dim, teacher=teacher,
-                     plan=plan, teacher_unavailable=unavailable)
+    return TrainData(cfg=cfg, train_items=train_items, val_dataset=val_dataset,
+                     collate=PlanCollate(plan, sampler.slots), sampler=sampler, store=store, device=dist.device,
+                     batch_size=batch_size, batches_per_epoch=plan.steps_per_epoch, teacher_dim=teacher_dim,
+                     teacher=teacher, plan=plan, teacher_unavailable=unavailable)

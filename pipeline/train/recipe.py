@@ -60,9 +60,6 @@ class Recipe:
     def iters(self, iters_per_epoch: int) -> int:
         return self.epochs * iters_per_epoch
 
-    def process_batch(self, world_size: int) -> int:
-        return self.batch_per_process or max(1, self.total_batch_size // world_size)
-
 
 def _recipe(size, epochs, lr, backbone_lr, wd, bb, nr, flat, no_aug, policy, stop, repeat, restart):
     return Recipe(size=size, epochs=epochs, lr=lr, backbone_lr=backbone_lr, weight_decay=wd,

@@ -16,12 +16,12 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from detector import build_detector
 from detector.criterion import Criterion
-from detector.rt_co_detr import EncoderTap, RTCODETRConfig, RTCODETRDistiller, resolve_class_map
+from detector.rt_co_detr import RTCODETRConfig, RTCODETRDistiller, resolve_class_map
+from pipeline.train.distill import named_mode
 from pipeline.train.recipe import Recipe, recipe_from_config, resolve_recipe, teacher_kind
 
 log = logging.getLogger("rtdetrv4.train")
@@ -94,19 +94,20 @@ def resolve_preset(cfg):
                              "drop --stage")
         cfg = replace(cfg, student=cfg.student or "rtdetrv4", pairing=cfg.pairing or "hungarian")
         preset = Preset(cfg.recipe or "rtdetrv4")
-        if cfg.distill in ("codetr", "feat"):
+        if named_mode(cfg).detector_teacher:
             r = recipe_from_config(cfg)
             preset.notes.append(
                 f"--distill {cfg.distill} without --recipe runs the RT-DETRv4 recipe of --size {cfg.size} (AdamW lr "
                 f"{r.lr:g}, {r.epochs} epochs, {r.schedule}, {r.augment} augmentation, detection loss on, one "
                 "stage); --recipe rt-co-detr runs the RT-CO-DETR paper's")
         return cfg, preset
-    if cfg.distill == "dsi":
+    mode = named_mode(cfg)
+    if mode.vfm_targets:
         raise ValueError("--recipe rt-co-detr distils from a detector (--distill codetr), runs the feature-only "
                          "ablation (--distill feat) or the baseline (--distill none); DSI + GAM is RT-DETRv4's: drop "
                          "--recipe rt-co-detr or pick another --distill")
-    stage = cfg.stage or ("finetune" if cfg.distill == "none" else "both")
-    if stage != "finetune" and cfg.distill == "none":
+    stage = cfg.stage or ("both" if mode.distils else "finetune")
+    if stage != "finetune" and not mode.distils:
         raise ValueError(f"--stage {stage} distils: give --distill codetr (with --teacher-checkpoint) or --distill "
                          "feat (with --vfm); --distill none is the fine-tuning stage alone (the baseline)")
     if stage == "finetune" and not cfg.det_loss:
@@ -163,6 +164,8 @@ def _schedule(r: Recipe) -> str:
 def _batch(cfg, r: Recipe) -> str:
     if cfg.batch_size:
         return f"{cfg.batch_size} per process"
+    if cfg.global_batch:
+        return f"{cfg.global_batch} in total"
     return f"{r.batch_per_process} per GPU" if r.batch_per_process else f"{r.total_batch_size} in total"
 
 
@@ -174,7 +177,7 @@ def _settings(cfg, paper: Recipe, ours: Recipe) -> list[Setting]:
                     "another detector than the paper's RT-DETR-L (RT-DETRv2-R50vd): not the model of Table I"),
             Setting("init", init, "trained weights", "--random-student",
                     "no COCO detector to distil into or fine-tune: the mAP collapses")]
-    if cfg.stage != "finetune" and cfg.distill == "codetr":
+    if cfg.stage != "finetune" and named_mode(cfg).teacher_outputs:
         rows += [
             Setting("pairing", cfg.pairing, "index", "--pairing",
                     "each student query learns from the teacher query that predicts the same object (Hungarian on "
@@ -205,7 +208,8 @@ def _settings(cfg, paper: Recipe, ours: Recipe) -> list[Setting]:
                 "another regularisation"),
         Setting("epochs", str(ours.epochs), str(PAPER_EPOCHS), "--epochs", "another training length (the schedule's "
                 "epochs scale with it)"),
-        Setting("batch", _batch(cfg, ours), _batch(replace(cfg, batch_size=None), paper), "--batch-size",
+        Setting("batch", _batch(cfg, ours), _batch(replace(cfg, batch_size=None, global_batch=None), paper),
+                "--batch-size / --global-batch",
                 "another gradient noise and number of steps"),
         Setting("schedule", _schedule(ours), _schedule(paper), "--schedule", "another learning-rate curve"),
         Setting("early stop", f"{cfg.patience} epochs" if cfg.patience else "none",
@@ -219,12 +223,6 @@ def _settings(cfg, paper: Recipe, ours: Recipe) -> list[Setting]:
         Setting("image size", str(cfg.img_size), str(PAPER_IMG_SIZE), "--img-size",
                 "another input resolution: other features, boxes and AP")]
     return rows
-
-
-def active_distill(cfg) -> str:
-    """The distillation that runs: none in the fine-tuning stage (``--distill`` then only names the
-    teacher whose stage-1 settings were used), else ``--distill``."""
-    return "none" if cfg.stage == "finetune" else cfg.distill
 
 
 # -- the parts of a run --------------------------------------------------------------------------
@@ -292,40 +290,6 @@ def build_feat(cfg, detector, device) -> tuple[nn.Module, RTCODETRDistiller]:
     log.info("feature distillation from %s: teacher widths %s onto student levels %s", cfg.vfm, teacher.channels,
              ["P3", "P4", "P5"][teacher.levels[0]:])
     return teacher, distiller
-
-
-def distill_losses(mode: str, distiller: RTCODETRDistiller, teacher: nn.Module, images: torch.Tensor,
-                   outputs: dict, student_maps) -> dict:
-    """The weighted distillation terms of one step (teacher in fp32, no grad, outside autocast)."""
-    s_maps = [m.float() for m in student_maps]
-    if mode == "feat":
-        t_maps = teacher(images)
-        s_maps = [s_maps[i] for i in teacher.levels]
-        return {"loss_kd_feat": distiller.cfg.feature_weight * distiller.feature_loss(s_maps, t_maps)}
-    t_out, t_maps = teacher(images)
-    return distiller(outputs, t_out, s_maps, t_maps)
-
-
-@torch.no_grad()
-def validation_distill_loss(mode: str, model: nn.Module, distiller: RTCODETRDistiller, teacher: nn.Module,
-                            batches, device, amp_dtype=None) -> float:
-    """Mean weighted distillation loss of ``model`` (eval mode) over the validation ``batches``: what
-    the authors' label-free stages followed for ReduceLROnPlateau, the best checkpoint and early stopping."""
-    from pipeline.train.distributed import reduce_mean
-
-    tap = EncoderTap(model)
-    total, count = 0.0, 0
-    try:
-        for images, _ in batches:
-            images = images.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                outputs = model(images)
-            outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
-            total += float(sum(distill_losses(mode, distiller, teacher, images, outputs, tap.maps).values()))
-            count += 1
-    finally:
-        tap.remove()
-    return reduce_mean({"kd_loss": torch.tensor(total / max(count, 1), device=device)})["kd_loss"]
 
 
 # -- the two stages as one command -----------------------------------------------------------------

@@ -75,8 +75,9 @@ def test_split_flags_and_their_old_names():
 
     assert evaluate.parse_args(["--checkpoint", "m.pth", "--val-split", "test"]).split == "test"
     assert evaluate.parse_args(["--checkpoint", "m.pth", "--split", "val2017"]).split == "val2017"
-    assert cache_teacher.parse_args(["--train-split", "val"]).split == "val"
-    assert cache_teacher.parse_args(["--split", "train2017"]).split == "train2017"
+    assert cache_teacher.parse_args(["--train-split", "val"]).train_split == "val"
+    old = cache_teacher.parse_args(["--split", "train2017", "--input-size", "320"])   # jobs.train's names now
+    assert (old.train_split, old.img_size) == ("train2017", 320) and set(old.given) == {"train_split", "img_size"}
     cfg = config_from_args(add_config_flags(parser("jobs.train", None)).parse_args(
         ["--train-split", "val", "--val-split", "test", "--name", "demo", "--exist-ok", "--patience", "3",
          "--save-period", "2"]), TrainConfig)

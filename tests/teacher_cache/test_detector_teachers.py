@@ -1,7 +1,6 @@
 """transformers DETR-family teachers behind one adapter: outputs renamed, C3-C5 from the one
 backbone pass, the processor's protocol, offline loading, and the class map by name / slice / JSON."""
 import json
-import warnings
 
 import pytest
 import torch

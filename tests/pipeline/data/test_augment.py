@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
 
-from pipeline.data.augment import (AugmentedDataset, AugRecord, _photometric, apply_record, plain_record, record_for,
+from pipeline.data.augment import (AugmentedDataset, AugRecord, apply_record, photometric, plain_record, record_for,
                               sample_record)
 from pipeline.data.coco import load_coco
 from pipeline.data.policy import AugPolicy
@@ -130,7 +130,7 @@ def test_photometric_equals_official_pil_op(ds):
     image = ds[1][0]
     params = {"brightness": 1.1, "contrast": 0.7, "saturation": 1.3, "hue": 0.03, "contrast_before": False,
               "channel_perm": [2, 0, 1]}
-    ours = _photometric(image.as_subclass(torch.Tensor), params)
+    ours = photometric(image.as_subclass(torch.Tensor), params)
     official = T.RandomPhotometricDistort().transform(F.to_pil_image(image), {
         "brightness_factor": 1.1, "contrast_factor": 0.7, "saturation_factor": 1.3, "hue_factor": 0.03,
         "contrast_before": False, "channel_permutation": torch.tensor([2, 0, 1])})

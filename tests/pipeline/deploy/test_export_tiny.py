@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from pipeline.deploy import onnx_check, report
 from pipeline.deploy.backends import OnnxRuntimeBackend, TorchBackend

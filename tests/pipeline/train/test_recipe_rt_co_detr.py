@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.train.config import TrainConfig, add_config_flags, config_from_args
+from pipeline.train.data import process_batch
 from pipeline.train.optim import MultiStepSchedule, PlateauSchedule, build_optimizer, build_schedule, param_groups
 from pipeline.train.recipe import recipe_from_config, resolve_recipe
 from pipeline.train.rt_co_detr import resolve_preset
@@ -17,7 +18,9 @@ PATHS = ("--teacher-checkpoint", "weights/conditional-detr-r50", "--student-weig
 
 
 def _cfg(*argv):
-    return config_from_args(add_config_flags(argparse.ArgumentParser()).parse_args(list(argv)))
+    """A command line with --data (the recipe; without it, the demo plan of jobs.train)."""
+    argv = list(argv) + ([] if "--data" in argv else ["--data", "data/taco"])
+    return config_from_args(add_config_flags(argparse.ArgumentParser()).parse_args(argv))
 
 
 def _stage(cfg, stage):
@@ -34,7 +37,7 @@ def test_recipe_alone_is_the_paper():
 
     cfg1, r, summary = _stage(cfg, "distill")      # src/distillation/trainer_codetr.py
     assert not cfg1.det_loss and cfg1.patience == 12
-    assert (r.lr, r.backbone_lr, r.weight_decay, r.epochs, r.process_batch(8), r.schedule, r.lr_gamma,
+    assert (r.lr, r.backbone_lr, r.weight_decay, r.epochs, process_batch(cfg1, r, 8), r.schedule, r.lr_gamma,
             r.plateau_patience, r.monitor) == (5e-5, 5e-5, 1e-4, 50, 4, "plateau", 0.2, 5, "kd_loss")
     assert (r.ema, r.warmup_iter, r.clip_max_norm, cfg1.img_size) == (False, 0, 0.0, 640)
     assert (r.augment, r.flip_prob, r.policy_epochs, r.stop_epoch, r.mixup_prob, r.mosaic_prob) == \
@@ -51,7 +54,7 @@ def test_recipe_alone_is_the_paper():
 
     cfg2, r, summary = _stage(cfg, "finetune")     # templates/rtdetrv2_taco_finetune_distilled.yml.template
     assert cfg2.det_loss and cfg2.patience is None
-    assert (r.lr, r.backbone_lr, r.encoder_lr, r.weight_decay, r.epochs, r.process_batch(2), r.schedule,
+    assert (r.lr, r.backbone_lr, r.encoder_lr, r.weight_decay, r.epochs, process_batch(cfg2, r, 2), r.schedule,
             r.milestones, r.lr_gamma, r.monitor, r.ema) == (1e-4, 1e-5, 1e-5, 1e-4, 50, 8, "multistep", (40,), 0.1,
                                                             "ap", False)
     assert (r.augment, r.flip_prob, r.policy_epochs, r.stop_epoch, r.mixup_prob, r.mosaic_prob, r.base_size_repeat) \
@@ -69,7 +72,7 @@ def test_recipe_alone_is_the_paper():
 def test_feature_ablation_stages():
     cfg = _cfg("--recipe", "rt-co-detr", "--distill", "feat", "--vfm", "dinov3_convnext_base", "--student-weights", "S")
     cfg1, r, _ = _stage(cfg, "distill")             # trainer_convnext.py
-    assert (r.lr, r.weight_decay, r.process_batch(1), r.lr_gamma, r.plateau_patience, cfg1.patience) == \
+    assert (r.lr, r.weight_decay, process_batch(cfg1, r, 1), r.lr_gamma, r.plateau_patience, cfg1.patience) == \
         (1e-4, 1e-5, 16, 0.1, 3, 7)
     assert (_stage(cfg, "finetune")[1].encoder_lr, _stage(cfg, "finetune")[1].backbone_lr) == (5e-5, 1e-5)
     vit = _stage(_cfg("--recipe", "rt-co-detr", "--distill", "feat", "--vfm", "dinov3_vitb", "--student-weights", "S"),
@@ -91,7 +94,7 @@ def test_every_departure_is_a_flag_and_is_printed():
     for flag in ("--pairing -> pairing hungarian (paper: index)", "--class-map -> classes name (paper: slice)",
                  "--teacher-input-size -> teacher input preprocessor's (paper: 640)",
                  "--lr -> optimizer AdamW lr 0.0001", "--weight-decay -> weight decay 0.05", "--schedule -> schedule "
-                 "multistep", "--ema -> EMA on", "--epochs -> epochs 10", "--batch-size -> batch 2 per process",
+                 "multistep", "--ema -> EMA on", "--epochs -> epochs 10", "--batch-size / --global-batch -> batch 2 per process",
                  "--augment -> augmentation rtdetrv4", "--img-size -> image size 320", "--lambda-feat/-cls/-box",
                  "--patience -> early stop 3 epochs", "--student -> student rtdetrv4"):
         assert f"DEPARTS {flag}" in summary, flag
@@ -100,7 +103,7 @@ def test_every_departure_is_a_flag_and_is_printed():
 
 
 def test_distill_codetr_without_recipe_says_which_recipe():
-    cfg, preset = resolve_preset(_cfg("--distill", "codetr", "--teacher-checkpoint", "T"))
+    cfg, preset = resolve_preset(_cfg("--distill", "codetr", "--teacher-checkpoint", "T", "--size", "s"))
     assert (cfg.student, cfg.pairing, cfg.teacher_input_size) == ("rtdetrv4", "hungarian", None)
     text = "\n".join(preset.summary_lines("fp32"))
     assert "--distill codetr without --recipe runs the RT-DETRv4 recipe of --size s (AdamW lr 0.0004, 132" in text

@@ -46,17 +46,17 @@ TINY = ["--size", "s", "--epochs", "2", "--img-size", "128", "--batch-size", "2"
 # i.e. right after last.pth of step n was written: a deterministic SIGKILL.
 DRIVER = """
 import os, sys
-from pipeline.train import trainer as T
+from pipeline.train import engine as E
 limit = int(os.environ.get("KILL_AFTER_STEP", "-1"))
-step = T.Trainer.train_step
+step = E.Step.__call__
 def killed(self, *a):
-    if 0 <= limit <= self.global_step:
+    if 0 <= limit <= self.progress.global_step:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.barrier()   # rank 0 has written the checkpoint of step `limit`
         os._exit(9)
     return step(self, *a)
-T.Trainer.train_step = killed
+E.Step.__call__ = killed
 from jobs.train import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -106,9 +106,10 @@ def test_killed_mid_epoch_resumes_to_every_identical_loss(tmp_path):
 @pytest.mark.slow
 def test_killed_mid_epoch_resumes_exactly_under_two_gloo_ranks(tmp_path):
     cut = _killed_and_resumed(tmp_path, 2)
-    # another world size is refused, saying why
+    # another global batch is refused, saying why (the same global batch on 1 rank: test_train_exact_cache)
     run = _run(tmp_path, ["--out", str(cut), "--resume", str(cut / "last.pth")], 1)
-    assert run.returncode != 0 and "written by 2 process(es), this run has 1" in run.stderr, run.stderr[-2000:]
+    assert run.returncode != 0 and "global batch of 4 (2 process(es) x 2), this run has 2" in run.stderr, \
+        run.stderr[-2000:]
 
 
 # -- stage switch: what the official load_resume_state(best_stg1.pth) restores, and its stage-2 rule --------
@@ -139,13 +140,13 @@ def test_stage_switch_and_stage_two_reloads_restore_model_dsi_optimizer(tmp_path
     best = _snapshot(trainer)
     step()
     assert not _same(_snapshot(trainer), best)
-    trainer._stage_switch()
+    trainer.start_stage_two()
     assert _same(_snapshot(trainer), best) and trainer.ema.decay == trainer.recipe.ema_restart_decay
 
     # stage 2 (stop_epoch 0): an epoch that is not better than the best since the last reload reloads
     # best_stg1.pth and lowers the EMA decay by 1e-4; the epoch after a reload never does (official)
     trainer.recipe = replace(trainer.recipe, stop_epoch=0)
-    trainer.best_ap = trainer.since_reload_best = 0.5
+    trainer.progress.best = trainer.progress.since_reload_best = 0.5
     decay = trainer.ema.decay
     for ap, reloads in ((0.4, True), (0.3, False), (0.2, True), (0.6, False)):
         step()
@@ -157,14 +158,16 @@ def test_stage_switch_and_stage_two_reloads_restore_model_dsi_optimizer(tmp_path
     assert (trainer.out / "best_stg2.pth").is_file()          # 0.6 beat the stage-1 best
 
 
-def test_resume_with_another_world_or_batch_size_is_refused(tmp_path):
+def test_resume_keeps_the_global_batch_on_any_world_size(tmp_path):
     from pipeline.train.state import check_resume_layout
 
     state = {"world_size": 2, "batch_size": 4}
-    check_resume_layout("last.pth", state, 2, 4)
-    with pytest.raises(ValueError, match="written by 2 process.*has 1.*--nproc_per_node 2"):
+    assert check_resume_layout("last.pth", state, 2, 4) is None                     # exact
+    note = check_resume_layout("last.pth", state, 1, 8)                              # same global batch: allowed
+    assert "on 1 process(es) a run written by 2" in note and "denoising noise" in note
+    with pytest.raises(ValueError, match=r"global batch of 8 \(2 process\(es\) x 4\), this run has 4 \(1 x 4\)"):
         check_resume_layout("last.pth", state, 1, 4)
-    with pytest.raises(ValueError, match="--batch-size 4 per process, this run has 8"):
+    with pytest.raises(ValueError, match="global batch of 8.*this run has 16"):
         check_resume_layout("last.pth", state, 2, 8)
 
 
@@ -200,7 +203,7 @@ def test_resume_takes_a_run_dir_and_refuses_a_command_that_changes_the_plan(tmp_
     trainer.save("last.pth")
     run = trainer.out
     resumed = _tiny(tmp_path, data=str(data), resume=str(run))   # the run directory: its last.pth
-    assert resumed.cfg.resume == str(run / "last.pth") and resumed.global_step == trainer.global_step
+    assert resumed.cfg.resume == str(run / "last.pth") and resumed.progress.global_step == trainer.progress.global_step
     for change, named in ((dict(img_size=160), r"--img-size 160 \(the run: 128\)"),
                           (dict(seed=1, epochs=3), r"--epochs 3 \(the run: 2\); --seed 1 \(the run: 0\)"),
                           (dict(ema=False), r"--no-ema \(the run: default\)"),
@@ -222,7 +225,7 @@ from pipeline.train import trainer as T
 save = T.Trainer.save
 def save(self, name, save=save):
     save(self, name)
-    if name == "last.pth" and self.step_in_epoch == 0:
+    if name == "last.pth" and self.progress.step_in_epoch == 0:
         half = (self.out / name).stat().st_size // 2
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         resource.setrlimit(resource.RLIMIT_FSIZE, (half, half))

@@ -46,7 +46,7 @@ def _check_distilled(trainer, losses, feat_only=False):
     assert losses is not None and set(kd) <= set(losses)
     assert all(math.isfinite(losses[k].item()) and losses[k].item() > 0 for k in kd)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainer.student.codetr.parameters())
-    assert not any(p.requires_grad for p in trainer.detector_teacher.parameters())
+    assert not any(p.requires_grad for p in trainer.distill.teacher.parameters())
 
 
 def test_transformers_teacher_into_rtdetrv4_s(tmp_path, teacher_dir):

@@ -122,7 +122,7 @@ def test_non_finite_losses_skip_the_step_then_stop(tmp_path):
     before = [p.detach().clone() for p in trainer.student.parameters()]
     nan_images = torch.full_like(images, float("nan"))
     assert trainer.train_step(nan_images, targets, batch) is None
-    assert trainer.bad_steps == 1 and trainer.global_step == 0
+    assert trainer.progress.bad_steps == 1 and trainer.progress.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
     with pytest.raises(FloatingPointError, match="non-finite"):
         trainer.train_step(nan_images, targets, batch)
@@ -158,7 +158,7 @@ def test_rt_co_detr_distills_from_a_detector_checkpoint(tmp_path):
     assert all(math.isfinite(losses[k].item()) for k in ("loss_kd_logit", "loss_kd_box", "loss_kd_feat"))
     grads = [p.grad for p in trainer.student.codetr.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert not any(p.requires_grad for p in trainer.detector_teacher.parameters())
+    assert not any(p.requires_grad for p in trainer.distill.teacher.parameters())
 
 
 def test_finetune_from_an_80_class_checkpoint_with_its_projector(tmp_path):
@@ -187,8 +187,7 @@ def test_dsi_ablation_flags_train_the_chosen_tap(tmp_path, tap, projector, loss)
     width = trainer.student.detector.cfg.backbone_channels[-1] if tap == "backbone" else 256
     assert (dsi.cfg.tap, dsi.cfg.projector, dsi.cfg.loss, dsi.cfg.student_dim) == (tap, projector, loss, width)
     images, targets, batch = next(iter(trainer.data.train_loader(0)))
-    teacher = trainer.data.teacher_targets(images, targets, batch)
-    losses, _ = trainer._losses(images, targets, teacher)
+    losses, _ = trainer.train_step.losses(images, targets, batch)
     assert math.isfinite(float(losses["loss_distill"])) and float(losses["loss_distill"]) > 0
     losses["loss_distill"].backward()
     last_stage = list(trainer.student.detector.backbone.stages)[-1]

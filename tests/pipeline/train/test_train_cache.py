@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from jobs import cache_teacher
-from pipeline.train.recipe import get_recipe, scale_recipe
 from pipeline.data.shards import write_shards
 from pipeline.data.load import default_dataset
 from pipeline.train.trainer import TrainConfig, Trainer
@@ -62,7 +60,7 @@ def test_training_mixes_cache_hits_and_online_fallback(store, tmp_path):
             assert losses is not None and math.isfinite(losses["loss"].item())
             hits, misses = hits + trainer.data.stats.hits, misses + trainer.data.stats.misses
             trainer.data.teacher_stats()
-            if trainer.global_step >= 6 * (epoch + 1):
+            if trainer.progress.global_step >= 6 * (epoch + 1):
                 break
     assert hits > 0 and misses > 0
 
@@ -81,9 +79,9 @@ def test_streamed_shards_join_the_cache_by_key(store, tmp_path):
 
 
 def test_a_store_for_another_plan_or_teacher_is_refused(store, tmp_path):
-    with pytest.raises(ValueError, match="augmentation phases"):
+    with pytest.raises(ValueError, match="epochs 2; this run has epochs 6"):
         _trainer(tmp_path, cache=store, epochs=6)
     with pytest.raises(ValueError, match="teacher"):
         _trainer(tmp_path, cache=store, vfm="dinov3_vitb")
-    with pytest.raises(ValueError, match="input size"):
+    with pytest.raises(ValueError, match="img_size 128; this run has img_size 160"):
         _trainer(tmp_path, cache=store, img_size=160)

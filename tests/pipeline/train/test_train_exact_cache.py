@@ -137,17 +137,17 @@ def test_streamed_shards_see_the_map_style_batches_and_every_exact_target(store,
 def test_a_streamed_run_resumed_mid_epoch_continues_with_the_same_batches(store, shards, tmp_path):
     first = Trainer(_cfg(tmp_path, shards, cache=str(store), checkpoint_every=1))
     full = _steps(first.data, epochs=[1])
-    first.epoch = 1
+    first.progress.epoch = 1
     for images, targets, batch in first.data.train_loader(1):
         first.train_step(images, targets, batch)
-        first.step_in_epoch += 1
-        if first.step_in_epoch == 2:
+        first.progress.step_in_epoch += 1
+        if first.progress.step_in_epoch == 2:
             break
     first.out.mkdir(parents=True, exist_ok=True)
     first.save("last.pth")
     resumed = Trainer(_cfg(tmp_path, shards, cache=str(store), resume=str(first.out / "last.pth"), exist_ok=True))
-    assert (resumed.epoch, resumed.step_in_epoch) == (1, 2)
-    assert _steps(resumed.data, epochs=[1], start=resumed.step_in_epoch) == full[2:]
+    assert (resumed.progress.epoch, resumed.progress.step_in_epoch) == (1, 2)
+    assert _steps(resumed.data, epochs=[1], start=resumed.progress.step_in_epoch) == full[2:]
     assert resumed.data.teacher_stats()["cache_exact_rate"] == 1.0
 
 
@@ -294,3 +294,81 @@ def test_render_workers_store_the_same_bytes(store, data, tmp_path):
     for f in files:
         if f.parts[0] != "done":   # the completion markers carry their write time
             assert (store / f).read_bytes() == (out / f).read_bytes(), f
+
+
+# -- a 2-rank run resumed on 1 rank: the same samples and teacher targets at every later step --------------
+REPO = Path(__file__).resolve().parents[3]
+DRIVER = """
+import hashlib, json, os, sys
+import torch
+from pipeline.train import data as D, engine as E
+limit, record = int(os.environ["KILL_AFTER_STEP"]), os.environ["RECORD"]
+digest = lambda x: hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:16]
+targets_of = D.TrainData.teacher_targets
+def recorded(self, images, targets, batch):
+    out = targets_of(self, images, targets, batch)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with open(f"{record}.{rank}", "a") as f:
+        f.write(json.dumps([batch.epoch, batch.step, list(batch.indices), batch.size, batch.mixup,
+                            [digest(x) for x in images], [digest(t["boxes"].as_subclass(torch.Tensor)) for t in targets],
+                            [digest(x) for x in out]]) + "\\n")
+    return out
+D.TrainData.teacher_targets = recorded
+step = E.Step.__call__
+def killed(self, *a):
+    if 0 <= limit <= self.progress.global_step:
+        torch.distributed.barrier()   # rank 0 has written the checkpoint of step `limit`
+        os._exit(9)
+    return step(self, *a)
+E.Step.__call__ = killed
+from jobs.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train(tmp_path, args, procs: int, kill_after: int, record: Path):
+    import subprocess
+    import sys
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), RECORD=str(record),
+               KILL_AFTER_STEP=str(kill_after))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", str(procs)]
+    return subprocess.run([*launch, str(driver), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow   # a 2-rank run killed after 5 steps, resumed on 1 rank (~60 s on 2 cores)
+def test_a_two_rank_run_resumed_on_one_rank_sees_the_same_samples_and_targets(store, data, tmp_path):
+    """The store, built for a global batch of 4, is all the runs are given (--cache): the 2-rank run and
+    its resume on 1 rank adopt its plan, serve every target from it, and the resumed steps see the
+    samples, augmentations, sizes, MixUp, boxes and teacher targets of the plan."""
+    one = build_train_data(_cfg(tmp_path, data, cache=str(store)), resolve_recipe("s", EPOCHS),
+                           DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 4)
+    want = json.loads(json.dumps(_steps(one)))
+    out = tmp_path / "run"
+    common = ["--size", "s", "--data", data, "--val-data", "synthetic", "--cache", str(store), "--vfm", "dinov3_vits",
+              "--workers", "0", "--log-every", "1", "--eval-max-images", "2", "--checkpoint-every", "1",
+              "--out", str(out)]
+    run = _train(tmp_path, common, 2, kill_after=5, record=tmp_path / "two")
+    assert run.returncode != 0 and (out / "last.pth").is_file(), run.stderr[-3000:]
+    state = torch.load(out / "last.pth", map_location="cpu", weights_only=False)
+    assert (state["world_size"], state["batch_size"], state["global_step"]) == (2, 2, 5)
+    run = _train(tmp_path, [*common, "--resume", str(out)], 1, kill_after=-1, record=tmp_path / "one")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed on 1 process(es) a run written by 2" in run.stderr and "denoising noise" in run.stderr
+    two = [json.loads(line) for r in (0, 1) for line in (tmp_path / f"two.{r}").read_text().splitlines()]
+    merged = {}
+    for rec in two:   # rank 0 (slots 0-1) first, then rank 1 (slots 2-3)
+        key = (rec[0], rec[1])
+        merged[key] = rec if key not in merged else [*rec[:2], merged[key][2] + rec[2], *rec[3:5],
+                                                       *(merged[key][k] + rec[k] for k in (5, 6, 7))]
+    assert [merged[(e, s)] for e, s in sorted(merged)] == want[:len(merged)]   # the 2-rank steps: the plan's
+    resumed = [json.loads(line) for line in (tmp_path / "one.0").read_text().splitlines()]
+    assert [r[:2] for r in resumed] == [w[:2] for w in want[5:]]              # from global step 5 on, to the end
+    assert resumed == want[5:]                                                # every sample, view and target
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * EPOCHS and all(r["cache_exact_rate"] == 1.0 for r in rows)
