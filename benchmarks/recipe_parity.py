@@ -189,6 +189,8 @@ def run_ours(s: Settings, data: str, distill: str, seed: int, out: Path, cache: 
     init = digest(initial_state(trainer.student))
     handler = _Reloads(trainer)
     logger = logging.getLogger("rtdetrv4.train")
+    level = logger.level
+    logger.setLevel(logging.INFO)   # without it (no logging set-up in a worker) the INFO records are never made
     logger.addHandler(handler)
     torch.manual_seed(seed)   # the official run re-seeds at the same point: its first epoch
     t0 = time.perf_counter()
@@ -196,6 +198,7 @@ def run_ours(s: Settings, data: str, distill: str, seed: int, out: Path, cache: 
         trainer.fit()
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     return dict(side="ours" if cache is None else "ours cached", seed=seed, distill=distill, init=init,
                 seconds=time.perf_counter() - t0, epochs=ours_epochs(Path(trainer.out), handler.events, distill))
 
@@ -337,6 +340,32 @@ def _f(v, fmt: str = ".4f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def reloads_by_rule(aps: list[float], stop_epoch: int) -> list[list[tuple[str, int]]]:
+    """Per epoch, the reloads of best_stg1.pth the official DetSolver rule makes from a run's own val
+    APs: at ``stop_epoch`` the switch; after a stage-2 epoch no better than the best since the last
+    reload, a refresh (both from the best stage-1 epoch). Two runs whose APs differ may reload at
+    different epochs and both be right."""
+    events: list[list[tuple[str, int]]] = [[] for _ in aps]
+    best, best_stage1, since = -1.0, None, None
+    for e, ap in enumerate(aps):
+        if e == stop_epoch and best_stage1 is not None:
+            events[e].append(("switch", best_stage1))
+        improved = since is None or ap > since
+        since = ap if improved else None
+        if ap > best:
+            best = ap
+            if e < stop_epoch:
+                best_stage1 = e
+        if e >= stop_epoch and not improved and best_stage1 is not None:
+            events[e].append(("after", best_stage1))
+    return events
+
+
+def follows_rule(run: dict, stop_epoch: int) -> bool:
+    seen = [[(r["at"], r["best_epoch"]) for r in ep["reload"]] for ep in run["epochs"]]
+    return seen == reloads_by_rule([ep["AP"] for ep in run["epochs"]], stop_epoch)
+
+
 def _reload(events: list[dict]) -> str:
     return ",".join(f"{'switch' if r['at'] == 'switch' else 'reload'}<-e{r['best_epoch']}" for r in events) or "-"
 
@@ -441,6 +470,8 @@ def report(s: Settings, runs: list[dict]) -> tuple[str, dict]:
                      f"{_reload(_at(ours, e, 'reload') or [])} / {_reload(_at(off, e, 'reload') or [])}")
     if ours and off:
         verdict["reloads_same"] = [ep["reload"] for ep in ours["epochs"]] == [ep["reload"] for ep in off["epochs"]]
+        verdict["reloads_by_rule"] = {"ours": follows_rule(ours, recipe.stop_epoch),
+                                      "official": follows_rule(off, recipe.stop_epoch)}
         v = verdict
         lines += ["", f"verdict: ours - official inside the seed band in {v['ap_inside_band']}/{n} epochs for AP, "
                       f"{v['ap50_inside_band']}/{n} for AP50, {v['loss_inside_band']}/{n} for the total loss"
@@ -448,7 +479,9 @@ def report(s: Settings, runs: list[dict]) -> tuple[str, dict]:
                       + f"; final AP ours {_f(ours['epochs'][-1]['AP'])} official {_f(off['epochs'][-1]['AP'])}; "
                       f"largest relative difference of an epoch's loss-term mean {v['max_loss_rel']:.2e}, of lr "
                       f"{v['max_lr_rel']:.2e}, of lambda {_f(v['max_lambda_rel'], '.2e')}; the same reloads: "
-                      f"{'yes' if v['reloads_same'] else 'NO'}"]
+                      f"{'yes' if v['reloads_same'] else 'NO'}; each side's reloads follow the official rule from "
+                      f"its own APs: ours {'yes' if v['reloads_by_rule']['ours'] else 'NO'}, official "
+                      f"{'yes' if v['reloads_by_rule']['official'] else 'NO'}"]
     return "\n".join(lines), verdict
 
 

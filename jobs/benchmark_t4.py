@@ -29,8 +29,9 @@ from pipeline.cli import parser
 
 def parse_args(argv=None):
     p = parser("jobs.benchmark_t4", __doc__)
-    p.add_argument("--size", nargs="+", default=["all"], choices=["s", "m", "l", "x", "all"],
-                   help="one or more sizes, or all")
+    p.add_argument("--size", nargs="+", default=None, choices=["s", "m", "l", "x", "all"],
+                   help="one or more sizes, or all (default: all on a GPU; s on a CPU, where the four sizes take "
+                        "several minutes and there is no TensorRT)")
     p.add_argument("--checkpoint", help="checkpoint for --size (random weights if omitted)")
     p.add_argument("--student", default="rtdetrv4", choices=["rtdetrv4", "rtdetrv2_r50"],
                    help="rtdetrv2_r50: RT-CO-DETR's RT-DETR-L (RT-DETRv2-R50vd) instead of the --size models")
@@ -59,6 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--fp32-layers", nargs="*", default=[], help="TensorRT layers pinned to fp32")
     p.add_argument("--out", default="bench", help="folder for report.json, report.md, the ONNX files")
     args = p.parse_args(argv)
+    if args.size is None:
+        import torch
+        args.size = ["all"] if torch.cuda.is_available() else ["s"]
+        if args.size == ["s"]:
+            print("no GPU: --size s (give --size all for the four sizes)", file=sys.stderr)
     args.sizes = ["s", "m", "l", "x"] if "all" in args.size else list(dict.fromkeys(args.size))
     if args.student == "rtdetrv2_r50":
         args.sizes = ["rtdetrv2_r50"]
