@@ -356,6 +356,21 @@ def _open_store(cfg, plan: TrainPlan, dist) -> TeacherStore:
     return store
 
 
+class StoreRecords:
+    """A sample's augmentation record in the DataLoader workers (picklable, for spawned workers): the
+    view a budget store replays, else the plan's fresh record."""
+
+    def __init__(self, store: TeacherStore, plan: TrainPlan, num_samples: int, size: int):
+        self.store, self.plan, self.num_samples, self.size = store, plan, num_samples, size
+
+    def __call__(self, epoch: int, index: int, a: dict):
+        args = self.store.view_args(epoch, index)
+        if args is None:
+            return self.plan.aug_record(epoch, index, a)
+        return view_record(args, index, self.plan.policy, self.num_samples, (a["width"], a["height"]), a["boxes"],
+                           self.size)
+
+
 def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
     size = cfg.img_size
     streaming = is_shard_set(cfg.data)
@@ -372,12 +387,7 @@ def build_train_data(cfg, recipe, dist, batch_size: int) -> TrainData:
     join = record_fn = None
     if store is not None:
         join = store.join(cfg.strict_cache)
-
-        def record_fn(epoch, index, a):   # a budget store's replayed view, else the plan's fresh record
-            args = store.view_args(epoch, index)
-            if args is None:
-                return plan.aug_record(epoch, index, a)
-            return view_record(args, index, plan.policy, len(dataset), (a["width"], a["height"]), a["boxes"], size)
+        record_fn = StoreRecords(store, plan, len(dataset), size)
     train_items = PlanDataset(dataset, plan, join=join, record_fn=record_fn, slots=sampler.slots)
     teacher = unavailable = None
     if vfm_targets:
