@@ -153,23 +153,6 @@ def _order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def resume_compatible(saved: dict, plan: TrainPlan, world_size: int) -> str | None:
-    """Why a checkpoint's plan (``TrainPlan.to_dict()`` saved with it) cannot continue as ``plan`` on
-    ``world_size`` ranks, or None when it can: the step index is global, so any world size that
-    divides the same global batch resumes the very same sample stream."""
-    if saved.get("version") != PLAN_VERSION:
-        return f"the checkpoint's training plan has version {saved.get('version')}, this code {PLAN_VERSION}"
-    mine = plan.to_dict()
-    diff = sorted(k for k in mine if k in saved and saved[k] != mine[k])
-    if diff:
-        return f"the checkpoint was trained with another plan ({', '.join(diff)} differ)"
-    try:
-        plan.check_world(world_size)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 # --- the data path ---------------------------------------------------------------------------
 class PlanSampler(Sampler):
     """Batch sampler of one rank: per global step, its slots as ``(epoch, step, slot, index)``

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.data.collate import BatchRecord, apply_batch_record
-from pipeline.data.plan import PlanSampler, TrainPlan, resume_compatible
+from pipeline.data.plan import PlanSampler, TrainPlan
 from pipeline.train.recipe import resolve_recipe
 
 
@@ -59,7 +59,7 @@ def test_group_mixup_is_the_same_bits_on_any_split():
     assert [t["mixup_key"] for t in t_whole] == ["k3", "k0", "k1", "k2", "k7", "k4", "k5", "k6"]
 
 
-def test_plan_identity_and_resume():
+def test_plan_identity_and_world_sizes():
     a, b = _plan(), _plan()
     assert a.hash() == b.hash()
     assert len({a.hash(), _plan(seed=1).hash(), _plan(global_batch=64).hash(), _plan(mixup_group=2).hash(),
@@ -67,7 +67,6 @@ def test_plan_identity_and_resume():
     # L and X differ in their multi-scale list (640 four vs three times), so in their plans
     x = TrainPlan.from_recipe(resolve_recipe("x"), 1000, 32)
     assert x.hash() != a.hash() and x.scales.count(640) == 3
-    assert resume_compatible(a.to_dict(), b, 2) is None
-    assert "seed" in resume_compatible(a.to_dict(), _plan(seed=1), 8)
-    assert resume_compatible(a.to_dict(), b, 16) is None
-    assert "does not divide" in resume_compatible(a.to_dict(), b, 3)
+    b.check_world(2), b.check_world(16)                  # the same plan on any world size dividing the batch
+    with pytest.raises(ValueError, match="does not divide"):
+        b.check_world(3)
