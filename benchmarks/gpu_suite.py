@@ -1,7 +1,7 @@
-"""Everything that needs a GPU, in at most ~13 minutes on one GPU (two device calls, docs/gpu.md).
+"""Everything that needs a GPU, in two device calls on one GPU (docs/gpu.md; ~12 minutes as measured on an H200).
 
     python -m benchmarks.gpu_suite --sections tests cache train_runs throughput deploy --out $OUT   # <= 8 min
-    python -m benchmarks.gpu_suite --sections recipe_parity convergence --out $OUT                 # <= 5 min
+    python -m benchmarks.gpu_suite --sections recipe_parity convergence --out $OUT                 # <= 9 min
     python -m benchmarks.gpu_suite --dry-run --out /tmp/s  # every section's code paths on the CPU, tiny
 
 Sections, each in its own process under its own time budget (a section that fails or runs out of
@@ -19,8 +19,8 @@ time is recorded with what it finished, and the suite goes on):
    device (never as T4 numbers).
 6. ``recipe_parity``: ``benchmarks/recipe_parity.py`` at 640 (batch 16, 17 epochs of 64 images):
    ours against the official training code (``.official/RT-DETRv4`` when present, else our side
-   only), without distillation and with DSI + GAM, the seed band, and the cached against the online
-   teacher; its tables go to ``recipe_parity.txt`` in ``--out``.
+   only), without distillation and with DSI + GAM, the seed band (ours with seeds 0-3), and the cached
+   against the online teacher; its tables go to ``recipe_parity.txt`` in ``--out``.
 7. ``convergence``: ``benchmarks/convergence.py`` at 640 (S from scratch, batch 16, 300 steps):
    val AP / AP50 per epoch; its table goes to ``convergence.txt``.
 
@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,10 +48,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-# seconds per section: sections 1-5 (one device call) stay under 8 minutes with process start-up, 6-7
-# (a second call) under 6; both calls and a machine start fit the 15-minute lease
+# seconds per section: sections 1-5 (one device call; 229-260 s measured) stay under 8 minutes with process
+# start-up, 6-7 (a second call; 225 s with two seeds + 172 s measured) under 9
 BUDGETS = {"tests": 60, "cache": 90, "train_runs": 100, "throughput": 120, "deploy": 85,
-           "recipe_parity": 200, "convergence": 105}
+           "recipe_parity": 330, "convergence": 200}
 DRY_BUDGETS = {"tests": 150, "cache": 300, "train_runs": 400, "throughput": 400, "deploy": 300,
                "recipe_parity": 400, "convergence": 300}
 
@@ -69,7 +70,7 @@ def plan(dry: bool) -> dict:
                 deploy_sizes=["s", "m", "l", "x"], amps=["bf16", "fp16"], compile=True,
                 warmup=10, iters=50, pytest=["tests"], render_workers=8,
                 parity=dict(img=640, batch=16, epochs=17, train_images=64, eval_images=64, jobs=7, threads=2, workers=2,
-                            vfm="dinov3_vitb", distill=["none", "dsi"], seeds=[0, 1]),
+                            vfm="dinov3_vitb", distill=["none", "dsi"], seeds=[0, 1, 2, 3]),
                 convergence=dict(img=640, batch=16, epochs=10, steps=30, train_images=1024, eval_images=64, workers=4))
 
 
@@ -354,6 +355,14 @@ def onnx_latency(built, size, img, images, sizes, p, work, rec, common) -> None:
         rec(name, status="failed", error=f"{type(e).__name__}: {e}"[:500], **common)
 
 
+def _logged(cmd: list[str], log: Path) -> tuple[int, str]:
+    """Run a benchmark with its output written to ``log`` as it comes: a section killed at its budget
+    still leaves what the benchmark printed so far in ``--out``."""
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    return rc, log.read_text(errors="replace")
+
+
 def section_recipe_parity(p: dict, work: Path, rec: Records) -> None:
     q, official = p["parity"], REPO / ".official" / "RT-DETRv4"
     sides = ["official", "ours", "cached"] if official.is_dir() else ["ours", "cached"]
@@ -367,10 +376,9 @@ def section_recipe_parity(p: dict, work: Path, rec: Records) -> None:
     cmd += [a for k, flag in flags.items() for a in (flag, str(q[k]))]
     cmd += ["--official-src", str(official)] if official.is_dir() else []
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    (rec.path.parent / "recipe_parity.txt").write_text(r.stdout + r.stderr[-5000:])
-    if r.returncode or not (out / "parity.json").is_file():
-        rec("recipe parity", status="failed", rc=r.returncode, tail=(r.stdout + r.stderr)[-1200:])
+    rc, text = _logged(cmd, rec.path.parent / "recipe_parity.txt")
+    if rc or not (out / "parity.json").is_file():
+        rec("recipe parity", status="failed", rc=rc, tail=text[-1200:])
         return
     result = json.loads((out / "parity.json").read_text())
     for mode, m in result["modes"].items():
@@ -395,11 +403,10 @@ def section_convergence(p: dict, work: Path, rec: Records) -> None:
            "--batch-size", str(q["batch"]), "--epochs", str(q["epochs"]), "--steps-per-epoch", str(q["steps"]),
            "--train-images", str(q["train_images"]), "--eval-images", str(q["eval_images"]),
            "--workers", str(q["workers"]), "--out", str(out)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    (rec.path.parent / "convergence.txt").write_text(r.stdout + r.stderr[-5000:])
+    rc, text = _logged(cmd, rec.path.parent / "convergence.txt")
     results = out / "convergence" / "results.csv"
-    if r.returncode or not results.is_file():
-        rec("S from scratch", status="failed", rc=r.returncode, tail=(r.stdout + r.stderr)[-1200:])
+    if rc or not results.is_file():
+        rec("S from scratch", status="failed", rc=rc, tail=text[-1200:])
         return
     cols = read_results(results)
     rec("S from scratch", status="ok", img=q["img"], batch=q["batch"], steps=q["epochs"] * q["steps"],
@@ -433,12 +440,17 @@ def run_section(name: str, budget: float, dry: bool, work: Path, records: Path) 
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1"}
+    # its own process group, so a section killed at its budget takes its children (data workers, the
+    # parity harness's runs) with it instead of leaving them on the GPU beside the next section
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, cwd=REPO, timeout=budget, capture_output=True, text=True, env=env)
-        status = "ok" if r.returncode == 0 else "failed"
-        log = r.stdout + r.stderr
-    except subprocess.TimeoutExpired as e:
-        status, log = "timed out", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        log, _ = proc.communicate(timeout=budget)
+        status = "ok" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        status = "timed out"
     seconds = time.perf_counter() - t0
     print(f"== {name}: {status} in {seconds:.0f} s (budget {budget:.0f} s)", flush=True)
     return {"status": status, "seconds": seconds, "budget_s": budget, "log_tail": log[-2000:]}
@@ -473,7 +485,7 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--budget", nargs="+", default=[], metavar="SECTION=SECONDS",
                     help="override a section's time budget, e.g. --budget deploy=190")
     ap.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)   # worker process
-    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help="keep every section's working files here (default: a temporary folder)")
     ap.add_argument("--records", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -496,9 +508,11 @@ def main(argv=None) -> dict | None:
             ap.error("no CUDA device: run on the GPU machine, or pass --dry-run")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         records = out / "records.jsonl"   # in --out: a suite killed from outside still returns its records
         records.write_text("")
-        sections = {name: run_section(name, budgets[name], args.dry_run, Path(tmp), records)
+        sections = {name: run_section(name, budgets[name], args.dry_run, work, records)
                     for name in args.sections}
         recs = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
     report = {"environment": environment(), "dry_run": args.dry_run, "seconds": time.perf_counter() - t0,

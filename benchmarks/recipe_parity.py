@@ -342,22 +342,24 @@ def _f(v, fmt: str = ".4f") -> str:
 
 def reloads_by_rule(aps: list[float], stop_epoch: int) -> list[list[tuple[str, int]]]:
     """Per epoch, the reloads of best_stg1.pth the official DetSolver rule makes from a run's own val
-    APs: at ``stop_epoch`` the switch; after a stage-2 epoch no better than the best since the last
-    reload, a refresh (both from the best stage-1 epoch). Two runs whose APs differ may reload at
-    different epochs and both be right."""
+    APs: at ``stop_epoch`` the switch; after a stage-2 epoch no better than the running best since
+    the last reload (``best_stat``, stage 1 included), a refresh that empties that running best (both
+    from the best stage-1 epoch). Two runs whose APs differ may reload at different epochs and both
+    be right."""
     events: list[list[tuple[str, int]]] = [[] for _ in aps]
     best, best_stage1, since = -1.0, None, None
     for e, ap in enumerate(aps):
         if e == stop_epoch and best_stage1 is not None:
             events[e].append(("switch", best_stage1))
         improved = since is None or ap > since
-        since = ap if improved else None
+        since = ap if improved else since
         if ap > best:
             best = ap
             if e < stop_epoch:
                 best_stage1 = e
         if e >= stop_epoch and not improved and best_stage1 is not None:
             events[e].append(("after", best_stage1))
+            since = None
     return events
 
 
@@ -543,7 +545,7 @@ def _env(threads: int) -> dict:
 
 def run_jobs(jobs: list[tuple[str, list[str]]], parallel: int, threads: int) -> None:
     """Run ``python -m benchmarks.recipe_parity --worker ...`` processes, ``parallel`` at a time."""
-    env = _env(threads)
+    env, t0 = _env(threads), time.perf_counter()
     pending, running = list(jobs), []
     while pending or running:
         while pending and len(running) < max(1, parallel):
@@ -558,6 +560,8 @@ def run_jobs(jobs: list[tuple[str, list[str]]], parallel: int, threads: int) -> 
             if proc.poll() is not None:
                 f.close()
                 running.remove(item)
+                print(f"{Path(log).parent.relative_to(Path(log).parents[2])} finished after {time.perf_counter() - t0:.0f} s "
+                      f"(exit {proc.returncode})", flush=True)
                 if proc.returncode:
                     tail = Path(log).read_text(errors="replace")[-3000:]
                     raise SystemExit(f"a run failed (exit {proc.returncode}); its log {log} ends:\n{tail}")

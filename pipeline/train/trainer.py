@@ -268,9 +268,11 @@ class Trainer:
         stage = 1 if p.epoch < self.recipe.stop_epoch else 2
         p.epoch, p.step_in_epoch = p.epoch + 1, 0
         # official DetSolver.fit: a stage-2 epoch that is not better than the best score since the last
-        # reload (stage 1 included) reloads best_stg1.pth and lowers the EMA decay by 1e-4
+        # reload (the running maximum ``best_stat``, stage 1 included) reloads best_stg1.pth and lowers the
+        # EMA decay by 1e-4; the reload empties ``best_stat``, so the epoch after it counts as a new best
         improved = p.since_reload_best is None or score > p.since_reload_best
-        p.since_reload_best = score if improved else None
+        if improved:
+            p.since_reload_best = score
         if score > p.best:
             p.best = score
             self.save(f"best_stg{stage}.pth")
@@ -278,6 +280,7 @@ class Trainer:
         decay = self.ema.decay   # the stage-2 decay: best_stg1's EMA state holds the stage-1 one
         if stage == 2 and not improved and self._load_best_stage1():
             self.ema.decay = max(decay - 1e-4, 0.0)   # 0: no EMA stays none
+            p.since_reload_best = None
             log.info("stage 2: AP %.4f is no new best: reloaded best_stg1.pth, EMA decay %.4f", score, self.ema.decay)
         self.save("last.pth")
         if self.dist.is_main and self.cfg.save_period and p.epoch % self.cfg.save_period == 0:

@@ -29,3 +29,14 @@ def test_our_side_of_the_parity_harness(tmp_path, capsys):
         assert [e["losses"]["loss_distill"] for e in epochs] == pytest.approx(step_means)
     out = capsys.readouterr().out
     assert "ep phase" in out and "\n 0 mosaic+mixup" in out and "\n 1 crop" in out and "lambda ours" in out
+
+
+def test_the_reload_rule_is_the_official_running_best():
+    """DetSolver.fit: a stage-2 epoch below the running best since the last reload (stage 1 included)
+    reloads best_stg1.pth and empties that best; the APs of the H200 run's official DSI side."""
+    aps = [0.0] * 11 + [0.0004, 0.0033, 0.0037, 0.0034, 0.0025, 0.0039]
+    events = recipe_parity.reloads_by_rule(aps, stop_epoch=15)
+    assert events[15] == [("switch", 13), ("after", 13)] and events[16] == [] and not any(events[:15])
+    # no reload after an epoch that follows a reload, a reload after one below the new running best
+    assert recipe_parity.reloads_by_rule([0.5, 0.4, 0.45, 0.47, 0.46], stop_epoch=2)[2:] == \
+        [[("switch", 0), ("after", 0)], [], [("after", 0)]]
