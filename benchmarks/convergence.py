@@ -46,22 +46,9 @@ def training_images(n: int) -> str:
             except OSError:   # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
         return str(root / "annotations" / "instances_train.json")
-    src = synthetic.ensure_generated("train")
     if n == synthetic.SPLITS["train"]:
-        return str(src / "annotations" / "instances_train.json")
-    subset = root.with_name(f"{root.name}-first{n}")
-    ann = subset / "annotations" / "instances_train.json"
-    if not ann.is_file():
-        full = json.loads((src / "annotations" / "instances_train.json").read_text())
-        images = full["images"][:n]
-        ids = {i["id"] for i in images}
-        (subset / "train").mkdir(parents=True, exist_ok=True)
-        ann.parent.mkdir(parents=True, exist_ok=True)
-        for image in images:
-            shutil.copy(src / "train" / image["file_name"], subset / "train" / image["file_name"])
-        ann.write_text(json.dumps({**full, "images": images,
-                                   "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}))
-    return str(ann)
+        return str(synthetic.ensure_generated("train") / "annotations" / "instances_train.json")
+    return synthetic.first_images(n, root.with_name(f"{root.name}-first{n}"))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -65,7 +65,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -117,20 +116,7 @@ def train_subset(n: int, folder: Path) -> str:
     """The first ``n`` images of the embedded training set as a COCO data set in ``folder`` (its
     annotation file): every epoch of the plan is then whole, and small enough to cache."""
     from pipeline.data import synthetic
-    src = synthetic.ensure_generated("train")
-    ann = folder / "annotations" / "instances_train.json"
-    if ann.is_file():
-        return str(ann)
-    full = json.loads((src / "annotations" / "instances_train.json").read_text())
-    images = full["images"][:n]
-    ids = {i["id"] for i in images}
-    (folder / "train").mkdir(parents=True, exist_ok=True)
-    ann.parent.mkdir(parents=True, exist_ok=True)
-    for image in images:
-        shutil.copy(src / "train" / image["file_name"], folder / "train" / image["file_name"])
-    ann.write_text(json.dumps({**full, "images": images,
-                               "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}))
-    return str(ann)
+    return synthetic.first_images(n, folder)
 
 
 def train_config(s: Settings, data: str, distill: str, seed: int, out: Path, **extra):
@@ -560,7 +546,8 @@ def run_jobs(jobs: list[tuple[str, list[str]]], parallel: int, threads: int) -> 
             if proc.poll() is not None:
                 f.close()
                 running.remove(item)
-                print(f"{Path(log).parent.relative_to(Path(log).parents[2])} finished after {time.perf_counter() - t0:.0f} s "
+                run = Path(log).parent
+                print(f"{run.parent.name}/{run.name} finished after {time.perf_counter() - t0:.0f} s "
                       f"(exit {proc.returncode})", flush=True)
                 if proc.returncode:
                     tail = Path(log).read_text(errors="replace")[-3000:]

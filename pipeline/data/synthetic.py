@@ -128,3 +128,24 @@ def ensure_generated(split: str = "train", root=None) -> Path:
             if not (root / "DONE").is_file():
                 raise
     return root
+
+
+def first_images(n: int, folder) -> str:
+    """The first ``n`` images of the embedded training split as a COCO data set in ``folder`` (images
+    under ``train/``); returns its annotation file, kept when already written."""
+    src = ensure_generated("train")
+    ann = Path(folder) / "annotations" / "instances_train.json"
+    if ann.is_file():
+        return str(ann)
+    full = json.loads((src / "annotations" / "instances_train.json").read_text())
+    images = full["images"][:n]
+    ids = {i["id"] for i in images}
+    (ann.parent.parent / "train").mkdir(parents=True, exist_ok=True)
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        shutil.copy(src / "train" / image["file_name"], ann.parent.parent / "train" / image["file_name"])
+    tmp = ann.with_suffix(".tmp")   # the annotation file last and atomically: its presence means complete
+    tmp.write_text(json.dumps({**full, "images": images,
+                               "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}))
+    tmp.replace(ann)
+    return str(ann)

@@ -40,19 +40,7 @@ PLAN = ["--size", "s", "--epochs", str(EPOCHS), "--input-size", str(IMG), "--glo
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     """16 images of the embedded synthetic set as a COCO json."""
-    src = synthetic.ensure_generated("train")
-    d = json.loads((src / "annotations" / "instances_train.json").read_text())
-    images = d["images"][:N]
-    ids = {i["id"] for i in images}
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "train").mkdir()
-    (root / "annotations").mkdir()
-    for i in images:
-        shutil.copy(src / "train" / i["file_name"], root / "train" / i["file_name"])
-    ann = root / "annotations" / "instances_train.json"
-    ann.write_text(json.dumps({**d, "images": images, "annotations": [a for a in d["annotations"]
-                                                                       if a["image_id"] in ids]}))
-    return str(ann)
+    return synthetic.first_images(N, tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
