@@ -167,12 +167,46 @@ class _Reloads(logging.Handler):
             self.pending.update(at="after", epoch=self.trainer.progress.epoch - 1)
 
 
+class _OnlineBeside:
+    """The cached run's check at every step, free of the drift that separates two whole runs: the
+    online teacher on the very batch tensor the student sees, and ``loss_distill`` at the same
+    student (same weights, same projected features) from the stored target and from the online one.
+    Their difference is the storage rounding alone. Costs the cached run the online teacher."""
+
+    def __init__(self, trainer):
+        import torch
+        data, dsi, distill, progress = trainer.data, trainer.distill.dsi, trainer.distill, trainer.progress
+        served, align = data.teacher_targets, dsi.alignment_loss
+        self.steps: list[dict] = []
+        self.online = None
+
+        def teacher_targets(images, targets, batch):   # called inside the trainer's fork_rng
+            out = served(images, targets, batch)
+            with torch.no_grad():
+                self.online = data.online_teacher()(images).float()
+            return out
+
+        def alignment_loss(projected, target):
+            loss = align(projected, target)
+            if self.online is not None and self.online.shape == target.shape:
+                with torch.no_grad():
+                    other = align(projected, self.online)
+                    norm = float(self.online.norm())
+                    self.steps.append(dict(epoch=progress.epoch, target_rel=float((target - self.online).norm()) / norm,
+                                           distill_diff=abs(float(loss - other)) * distill.weight()))
+                self.online = None
+            return loss
+
+        data.teacher_targets, dsi.alignment_loss = teacher_targets, alignment_loss
+
+
 def run_ours(s: Settings, data: str, distill: str, seed: int, out: Path, cache: str | None = None) -> dict:
     """One of our runs; its record per epoch from metrics.jsonl / eval.jsonl."""
     import torch
     from pipeline.train.trainer import Trainer
     trainer = Trainer(train_config(s, data, distill, seed, out, cache=cache))
     init = digest(initial_state(trainer.student))
+    beside = _OnlineBeside(trainer) if cache else None
     handler = _Reloads(trainer)
     logger = logging.getLogger("rtdetrv4.train")
     level = logger.level
@@ -185,8 +219,13 @@ def run_ours(s: Settings, data: str, distill: str, seed: int, out: Path, cache: 
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+    epochs = ours_epochs(Path(trainer.out), handler.events, distill)
+    for ep in epochs if beside else []:
+        same = [x for x in beside.steps if x["epoch"] == ep["epoch"]]
+        ep["same_step"] = dict(steps=len(same), distill_diff=max((x["distill_diff"] for x in same), default=None),
+                               target_rel=max((x["target_rel"] for x in same), default=None))
     return dict(side="ours" if cache is None else "ours cached", seed=seed, distill=distill, init=init,
-                seconds=time.perf_counter() - t0, epochs=ours_epochs(Path(trainer.out), handler.events, distill))
+                seconds=time.perf_counter() - t0, epochs=epochs)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -500,9 +539,13 @@ def cache_report(s: Settings, runs: list[dict]) -> tuple[str, dict]:
              f"{len(det)} detection terms {max(abs(first_c[k] - first_o[k]) for k in det):.2e}, loss_distill "
              f"{first_o['loss_distill']:.6f} / {first_c['loss_distill']:.6f} "
              f"(rel {rel(first_o['loss_distill'], first_c['loss_distill']):.1e}: the int8 rounding of the targets)",
+             "same student (every step, the cached run's weights): max |loss_distill from the store - from the "
+             "online teacher on the same batch| and max relative error of the stored target",
              f"{'ep':>2} {'AP online':>9} {'cached':>8} {'seed1':>8} {'d(c-o)':>8} {'band':>7}   "
-             f"{'max|dloss| step':>15} {'(term)':<18} {'max rel d distill':>17} {'exact hits':>10}"]
-    verdict = {"max_step_loss_diff": 0.0, "ap_inside_band": 0, "epochs": len(online["epochs"])}
+             f"{'max|dloss| step':>15} {'(term)':<18} {'max rel d distill':>17} {'exact hits':>10}   "
+             f"{'same student: |d distill|':>25} {'target rel':>10}"]
+    verdict = {"max_step_loss_diff": 0.0, "ap_inside_band": 0, "epochs": len(online["epochs"]),
+               "same_student_distill_diff": None, "same_student_target_rel": None}
     for e, (eo, ec) in enumerate(zip(online["epochs"], cached["epochs"])):
         worst, term, distill = 0.0, "-", 0.0
         for a, b in zip(eo["step_losses"], ec["step_losses"]):
@@ -516,10 +559,18 @@ def cache_report(s: Settings, runs: list[dict]) -> tuple[str, dict]:
         band = None if b is None else max(abs(eo["AP"] - r["epochs"][e]["AP"]) for r in band_runs)
         if band is not None:
             verdict["ap_inside_band"] += abs(ec["AP"] - eo["AP"]) <= band
+        same = ec.get("same_step") or {}
+        for key, k in (("same_student_distill_diff", "distill_diff"), ("same_student_target_rel", "target_rel")):
+            if same.get(k) is not None:
+                verdict[key] = max(verdict[key] or 0.0, same[k])
         lines.append(f"{e:>2} {_f(eo['AP']):>9} {_f(ec['AP']):>8} {_f(b and b['AP']):>8} {ec['AP'] - eo['AP']:>+8.4f} "
-                     f"{_f(band):>7}   {worst:>15.3e} {term:<18} {distill:>17.2e} {ec['exact_hits']:>10.0%}")
-    lines.append(f"verdict: largest per-step loss difference {verdict['max_step_loss_diff']:.3e}; AP "
-                 f"cached - online inside the seed band in {verdict['ap_inside_band']}/{verdict['epochs']} epochs")
+                     f"{_f(band):>7}   {worst:>15.3e} {term:<18} {distill:>17.2e} {ec['exact_hits']:>10.0%}   "
+                     f"{_f(same.get('distill_diff'), '.3e'):>25} {_f(same.get('target_rel'), '.2e'):>10}")
+    lines.append(f"verdict: largest per-step loss difference {verdict['max_step_loss_diff']:.3e} between the two "
+                 f"runs (they drift apart); at the same student {_f(verdict['same_student_distill_diff'], '.3e')} "
+                 f"(stored targets within {_f(verdict['same_student_target_rel'], '.2e')} relative of the online "
+                 f"teacher's, every step); AP cached - online inside the seed band in "
+                 f"{verdict['ap_inside_band']}/{verdict['epochs']} epochs")
     return "\n".join(lines), verdict
 
 

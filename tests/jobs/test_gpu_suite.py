@@ -12,8 +12,9 @@ FIRST_CALL = ("tests", "cache", "train_runs", "throughput", "deploy")
 def test_plans_and_budgets_fit_one_lease():
     first = sum(gpu_suite.BUDGETS[s] for s in FIRST_CALL)
     assert first <= 8 * 60 - 20                              # one device call; process start-up and report on top
-    assert sum(gpu_suite.BUDGETS.values()) - first <= 8 * 60 - 20   # the second: recipe_parity, convergence
-    assert sum(gpu_suite.BUDGETS.values()) <= 13 * 60            # both calls and a machine start in 15 minutes
+    assert sum(gpu_suite.BUDGETS.values()) - first <= 10 * 60 - 40  # the second (recipe_parity, convergence)
+    # within a device command's 10 minutes; both calls use ~12 of a lease's 15 minutes as measured, their
+    # budgets (the worst case) more: docs/gpu.md says to run the second in a later lease when needed
     gpu, dry = gpu_suite.plan(False), gpu_suite.plan(True)
     assert (gpu["img"], gpu["batch"], gpu["sizes"], gpu["deploy_sizes"]) == (640, 16, ["s", "l"], ["s", "m", "l", "x"])
     assert gpu["train_steps"] == 20 and gpu["amps"] == ["bf16", "fp16"] and gpu["compile"]
@@ -54,4 +55,6 @@ def test_dry_run_writes_a_report_of_every_section(tmp_path):
     assert by_name["S onnxruntime CPU EP (dry run)"]["status"] == "ok"
     parity, cached = by_name["recipe parity, distill dsi"], by_name["cached vs online teacher"]
     assert parity["same_init"] in (True, None) and cached["same_init"] and cached["cache_hit_rate"] == 1.0
+    # every step, at the same student: the stored targets are the online teacher's up to the int8 rounding
+    assert 0 < cached["same_student_target_rel"] < 0.02 and cached["same_student_distill_diff"] is not None
     assert by_name["S from scratch"]["steps"] == 2 and (tmp_path / "recipe_parity.txt").is_file()
