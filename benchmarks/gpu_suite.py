@@ -393,6 +393,7 @@ def section_recipe_parity(p: dict, work: Path, rec: Records) -> None:
             c, cached = m["cache_verdict"], by[("ours cached", 0)]
             rec("cached vs online teacher", status="ok", same_init=cached["init"] == ours["init"],
                 max_step_loss_diff=c["max_step_loss_diff"], same_student_distill_diff=c["same_student_distill_diff"],
+                same_student_distill_rel=c["same_student_distill_rel"],
                 same_student_target_rel=c["same_student_target_rel"], final_ap=cached["epochs"][-1]["AP"],
                 ap_inside_band=f"{c['ap_inside_band']}/{c['epochs']}",
                 cache_hit_rate=cached["epochs"][-1]["exact_hits"])
@@ -468,8 +469,8 @@ def markdown(report: dict) -> str:
             "job_views_per_s", "forward_views_per_s",
             "cache_hit_rate", "passed", "failed", "skipped", "loss", "same_init", "ap_inside_band", "final_ap",
             "final_ap_official", "final_ap50", "best_ap50", "minutes", "max_loss_rel", "max_lr_rel", "max_lambda_rel",
-            "reloads_same", "max_step_loss_diff", "same_student_distill_diff", "same_student_target_rel", "reason",
-            "error")
+            "reloads_same", "max_step_loss_diff", "same_student_distill_diff", "same_student_distill_rel",
+            "same_student_target_rel", "reason", "error")
     for name, sec in report["sections"].items():
         recs = [r for r in report["records"] if r["section"] == name]
         if not recs or sec["status"] != "ok":

@@ -192,8 +192,10 @@ class _OnlineBeside:
                 with torch.no_grad():
                     other = align(projected, self.online)
                     norm = float(self.online.norm())
+                    diff = abs(float(loss - other))
                     self.steps.append(dict(epoch=progress.epoch, target_rel=float((target - self.online).norm()) / norm,
-                                           distill_diff=abs(float(loss - other)) * distill.weight()))
+                                           distill_diff=diff * distill.weight(),
+                                           distill_rel=diff / max(float(loss), 1e-12)))
                 self.online = None
             return loss
 
@@ -222,8 +224,8 @@ def run_ours(s: Settings, data: str, distill: str, seed: int, out: Path, cache: 
     epochs = ours_epochs(Path(trainer.out), handler.events, distill)
     for ep in epochs if beside else []:
         same = [x for x in beside.steps if x["epoch"] == ep["epoch"]]
-        ep["same_step"] = dict(steps=len(same), distill_diff=max((x["distill_diff"] for x in same), default=None),
-                               target_rel=max((x["target_rel"] for x in same), default=None))
+        ep["same_step"] = {k: max((x[k] for x in same), default=None)
+                           for k in ("distill_diff", "distill_rel", "target_rel")}
     return dict(side="ours" if cache is None else "ours cached", seed=seed, distill=distill, init=init,
                 seconds=time.perf_counter() - t0, epochs=epochs)
 
@@ -543,9 +545,9 @@ def cache_report(s: Settings, runs: list[dict]) -> tuple[str, dict]:
              "online teacher on the same batch| and max relative error of the stored target",
              f"{'ep':>2} {'AP online':>9} {'cached':>8} {'seed1':>8} {'d(c-o)':>8} {'band':>7}   "
              f"{'max|dloss| step':>15} {'(term)':<18} {'max rel d distill':>17} {'exact hits':>10}   "
-             f"{'same student: |d distill|':>25} {'target rel':>10}"]
+             f"{'same student: |d distill|':>25} {'rel':>8} {'target rel':>10}"]
     verdict = {"max_step_loss_diff": 0.0, "ap_inside_band": 0, "epochs": len(online["epochs"]),
-               "same_student_distill_diff": None, "same_student_target_rel": None}
+               "same_student_distill_diff": None, "same_student_distill_rel": None, "same_student_target_rel": None}
     for e, (eo, ec) in enumerate(zip(online["epochs"], cached["epochs"])):
         worst, term, distill = 0.0, "-", 0.0
         for a, b in zip(eo["step_losses"], ec["step_losses"]):
@@ -560,14 +562,16 @@ def cache_report(s: Settings, runs: list[dict]) -> tuple[str, dict]:
         if band is not None:
             verdict["ap_inside_band"] += abs(ec["AP"] - eo["AP"]) <= band
         same = ec.get("same_step") or {}
-        for key, k in (("same_student_distill_diff", "distill_diff"), ("same_student_target_rel", "target_rel")):
+        for k in ("distill_diff", "distill_rel", "target_rel"):
             if same.get(k) is not None:
-                verdict[key] = max(verdict[key] or 0.0, same[k])
+                verdict[f"same_student_{k}"] = max(verdict[f"same_student_{k}"] or 0.0, same[k])
         lines.append(f"{e:>2} {_f(eo['AP']):>9} {_f(ec['AP']):>8} {_f(b and b['AP']):>8} {ec['AP'] - eo['AP']:>+8.4f} "
                      f"{_f(band):>7}   {worst:>15.3e} {term:<18} {distill:>17.2e} {ec['exact_hits']:>10.0%}   "
-                     f"{_f(same.get('distill_diff'), '.3e'):>25} {_f(same.get('target_rel'), '.2e'):>10}")
+                     f"{_f(same.get('distill_diff'), '.3e'):>25} {_f(same.get('distill_rel'), '.1e'):>8} "
+                     f"{_f(same.get('target_rel'), '.2e'):>10}")
     lines.append(f"verdict: largest per-step loss difference {verdict['max_step_loss_diff']:.3e} between the two "
                  f"runs (they drift apart); at the same student {_f(verdict['same_student_distill_diff'], '.3e')} "
+                 f"(relative {_f(verdict['same_student_distill_rel'], '.1e')}) "
                  f"(stored targets within {_f(verdict['same_student_target_rel'], '.2e')} relative of the online "
                  f"teacher's, every step); AP cached - online inside the seed band in "
                  f"{verdict['ap_inside_band']}/{verdict['epochs']} epochs")
