@@ -111,14 +111,7 @@ def settings_of(args) -> Settings:
     return s
 
 
-# ---------------------------------------------------------------------------------- the data
-def train_subset(n: int, folder: Path) -> str:
-    """The first ``n`` images of the embedded training set as a COCO data set in ``folder`` (its
-    annotation file): every epoch of the plan is then whole, and small enough to cache."""
-    from pipeline.data import synthetic
-    return synthetic.first_images(n, folder)
-
-
+# ---------------------------------------------------------------------------------- a run's configuration
 def train_config(s: Settings, data: str, distill: str, seed: int, out: Path, **extra):
     """Our TrainConfig of a comparison run: every step logged, the official precision (fp32 on the
     CPU; fp16 autocast + GradScaler on CUDA) and an fp32 teacher."""
@@ -189,13 +182,13 @@ class _OnlineBeside:
         def alignment_loss(projected, target):
             loss = align(projected, target)
             if self.online is not None and self.online.shape == target.shape:
-                with torch.no_grad():
+                with torch.no_grad():   # one host copy per step for the three numbers
                     other = align(projected, self.online)
-                    norm = float(self.online.norm())
-                    diff = abs(float(loss - other))
-                    self.steps.append(dict(epoch=progress.epoch, target_rel=float((target - self.online).norm()) / norm,
-                                           distill_diff=diff * distill.weight(),
-                                           distill_rel=diff / max(float(loss), 1e-12)))
+                    norms = torch.stack([(target - self.online).norm(), self.online.norm(), (loss - other).abs(),
+                                         loss.abs()]).tolist()
+                    self.steps.append(dict(epoch=progress.epoch, target_rel=norms[0] / norms[1],
+                                           distill_diff=norms[2] * distill.weight(),
+                                           distill_rel=norms[2] / max(norms[3], 1e-12)))
                 self.online = None
             return loss
 
@@ -658,7 +651,9 @@ def main(argv=None) -> dict:
     import tempfile
     tmp = None if args.out else tempfile.TemporaryDirectory()
     root = Path(args.out or tmp.name)
-    data = train_subset(s.train_images, root / "data")
+    # the first --train-images of the embedded set: every epoch of the plan whole, and small enough to cache
+    from pipeline.data import synthetic
+    data = synthetic.first_images(s.train_images, root / "data")
     if "cached" in args.sides and "dsi" not in args.distill:
         p.error("--sides cached compares teacher targets: it needs --distill dsi")
     if "cached" in args.sides and "ours" not in args.sides:
